@@ -1,0 +1,1 @@
+"""apr_training: datasets, training, evaluation and export for apr_localizer models."""

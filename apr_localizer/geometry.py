@@ -25,6 +25,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "apply_relative",
+    "camera_to_base",
+    "map_to_odom",
     "flip_relative",
     "iapr_update",
     "iapr_update_torch",
@@ -59,7 +61,7 @@ def _as64(a) -> np.ndarray:
 
 # --------------------------------------------------------------------------------------------- quaternions (numpy)
 def quat_normalize(q, canonical: bool = True) -> np.ndarray:
-    """Unit quaternion(s) ``(..., 4)`` w-first; with ``canonical`` the sign is chosen so that ``w >= 0``.
+    """Normalise w-first quaternion(s) ``(..., 4)``; with ``canonical`` the sign makes ``w >= 0`` (unique form).
 
     A zero or non-finite quaternion raises ``ValueError`` (it has no orientation).
     """
@@ -68,8 +70,11 @@ def quat_normalize(q, canonical: bool = True) -> np.ndarray:
     if not np.all(np.isfinite(q)) or np.any(n < _EPS):
         raise ValueError("quaternion must be finite and non-zero to be normalised")
     q = q / n
-    if canonical:
-        q = np.where(q[..., :1] < 0, -q, q)
+    if canonical:  # w >= 0; for w == 0 the first non-zero component decides, so the form is unique
+        lead = q[..., 0]
+        for i in range(1, 4):
+            lead = np.where(np.abs(lead) < 1e-12, q[..., i], lead)
+        q = np.where((lead < 0)[..., None], -q, q)
     return q
 
 
@@ -109,15 +114,16 @@ def quat_to_matrix(q) -> np.ndarray:
 
 
 def matrix_to_quat(m) -> np.ndarray:
-    """Unit w-first quaternions ``(..., 4)`` with ``w >= 0`` from rotation matrices ``(..., 3, 3)``.
+    """Convert rotation matrices ``(..., 3, 3)`` to unit w-first quaternions ``(..., 4)`` with ``w >= 0``.
 
     Uses the symmetric-matrix eigenvector method (as transforms3d's ``mat2quat``), robust to slightly
     non-orthogonal input.
     """
     m = _as64(m)
-    xx, yx, zx = m[..., 0, 0], m[..., 1, 0], m[..., 2, 0]
-    xy, yy, zy = m[..., 0, 1], m[..., 1, 1], m[..., 2, 1]
-    xz, yz, zz = m[..., 0, 2], m[..., 1, 2], m[..., 2, 2]
+    # Bar-Itzhack: names as in the row-major flattening of m (xx, yx, zx, xy, yy, zy, xz, yz, zz)
+    xx, yx, zx = m[..., 0, 0], m[..., 0, 1], m[..., 0, 2]
+    xy, yy, zy = m[..., 1, 0], m[..., 1, 1], m[..., 1, 2]
+    xz, yz, zz = m[..., 2, 0], m[..., 2, 1], m[..., 2, 2]
     k = np.stack(
         [
             np.stack([xx - yy - zz, yx + xy, zx + xz, yz - zy], -1),
@@ -304,3 +310,14 @@ def rotation_error_deg_torch(q_est: torch.Tensor, q_gt: torch.Tensor) -> torch.T
 
     d = (quat_normalize_torch(q_est) * quat_normalize_torch(q_gt)).sum(-1).abs().clamp(0.0, 1.0)
     return torch.rad2deg(2.0 * torch.acos(d))
+
+
+# --------------------------------------------------------------------------------------------- TF helpers
+def camera_to_base(map_T_camera, base_T_camera) -> np.ndarray:
+    """``map_T_base = map_T_camera · (base_T_camera)^-1`` for poses ``(..., 7)``."""
+    return pose_compose(map_T_camera, pose_inverse(base_T_camera))
+
+
+def map_to_odom(map_T_base, odom_T_base) -> np.ndarray:
+    """AMCL-style correction ``map_T_odom = map_T_base · (odom_T_base)^-1`` for poses ``(..., 7)``."""
+    return pose_compose(map_T_base, pose_inverse(odom_T_base))

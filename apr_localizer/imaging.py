@@ -1,0 +1,360 @@
+"""Sensor image bytes → RGB ``uint8`` numpy arrays, and the inverse for tests and synthetic bags.
+
+ROS-free (no ``rclpy`` import): :mod:`apr_localizer.ros_convert` passes ``msg.data``, ``msg.encoding``, ``msg.width``,
+``msg.height``, ``msg.step`` and ``msg.is_bigendian`` of a ``sensor_msgs/Image`` to :func:`decode_raw`, and
+``msg.data``/``msg.format`` of a ``sensor_msgs/CompressedImage`` to :func:`decode_compressed`.
+
+Every decoder returns an ``(H, W, 3)`` ``uint8`` RGB array and raises :class:`ImageDecodeError` (a ``ValueError``) with
+a one-sentence reason for anything it cannot decode. ``rgb8`` and ``rgba8`` are returned as zero-copy, read-only views
+of the input buffer (``rgba8`` as a non-contiguous view that skips alpha); every other encoding needs a colour
+conversion and returns a fresh array.
+
+YUV 4:2:2 uses OpenCV's conversions (BT.601, limited range: ``Y`` in 16..235), for decoding and encoding alike. ROS
+``yuv422`` is UYVY (``U0 Y0 V0 Y1``) and ROS ``yuv422_yuy2`` is YUYV (``Y0 U0 Y1 V0``).
+"""
+
+from __future__ import annotations
+
+import array
+from typing import Final
+
+import cv2
+import numpy as np
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "ENCODINGS",
+    "ImageDecodeError",
+    "bytes_per_pixel",
+    "compressed_image_size",
+    "decode_compressed",
+    "decode_raw",
+    "encode_compressed",
+    "encode_raw",
+]
+
+BufferLike = bytes | bytearray | memoryview | np.ndarray | array.array
+
+DEFAULT_MAX_PIXELS: Final[int] = 40_000_000
+"""Largest accepted ``width * height``: bigger frames are rejected before any work is done on them."""
+
+# encoding → (bytes per pixel, canonical name)
+_ENCODINGS: Final[dict[str, tuple[int, str]]] = {
+    "rgb8": (3, "rgb8"),
+    "bgr8": (3, "bgr8"),
+    "rgba8": (4, "rgba8"),
+    "bgra8": (4, "bgra8"),
+    "mono8": (1, "mono8"),
+    "mono16": (2, "mono16"),
+    "yuv422": (2, "uyvy"),
+    "uyvy": (2, "uyvy"),
+    "yuv422_yuy2": (2, "yuyv"),
+    "yuyv": (2, "yuyv"),
+}
+ENCODINGS: Final[tuple[str, ...]] = tuple(_ENCODINGS)
+"""The ``sensor_msgs/Image`` encodings that :func:`decode_raw` and :func:`encode_raw` handle."""
+
+_PNG_MAGIC: Final[bytes] = b"\x89PNG\r\n\x1a\n"
+_JPEG_MAGIC: Final[bytes] = b"\xff\xd8\xff"
+# JPEG start-of-frame markers (baseline, progressive, lossless, arithmetic); 0xC4, 0xC8, 0xCC are not frames.
+_JPEG_SOF: Final[frozenset[int]] = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE,
+                                              0xCF})
+
+
+class ImageDecodeError(ValueError):
+    """An image message cannot be decoded; the message is one sentence that says why."""
+
+
+def bytes_per_pixel(encoding: str) -> int:
+    """Return the bytes per pixel of a supported ``sensor_msgs/Image`` encoding (2 for the 4:2:2 YUV formats)."""
+    return _lookup(encoding)[0]
+
+
+def _lookup(encoding: str) -> tuple[int, str]:
+    try:
+        return _ENCODINGS[encoding.strip().lower()]
+    except (KeyError, AttributeError):
+        raise ImageDecodeError(
+            f"image encoding {encoding!r} is not supported; expected one of {', '.join(ENCODINGS)}"
+        ) from None
+
+
+def _as_uint8_buffer(data: BufferLike, what: str) -> np.ndarray:
+    """View any buffer as a flat ``uint8`` array without copying (copies only a non-contiguous ndarray)."""
+    if isinstance(data, np.ndarray):
+        if data.dtype.hasobject:
+            raise ImageDecodeError(f"{what} data is an object array; a numeric byte buffer was expected")
+        arr = data if data.flags.c_contiguous else np.ascontiguousarray(data)
+        return arr.reshape(-1).view(np.uint8)
+    try:
+        return np.frombuffer(data, dtype=np.uint8)
+    except (TypeError, ValueError) as exc:
+        raise ImageDecodeError(
+            f"{what} data of type {type(data).__name__} is not a byte buffer (bytes, bytearray, memoryview, "
+            "array.array or numpy array expected)"
+        ) from exc
+
+
+def _check_size(width: int, height: int, max_pixels: int, what: str) -> None:
+    if width <= 0 or height <= 0:
+        raise ImageDecodeError(f"{what} size {width}x{height} is empty; width and height must be positive")
+    if width * height > max_pixels:
+        raise ImageDecodeError(
+            f"{what} size {width}x{height} ({width * height / 1e6:.1f} megapixels) exceeds the limit of "
+            f"{max_pixels / 1e6:.1f} megapixels"
+        )
+
+
+def decode_raw(
+    data: BufferLike,
+    encoding: str,
+    width: int,
+    height: int,
+    step: int,
+    is_bigendian: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> np.ndarray:
+    """Decode the pixel buffer of a ``sensor_msgs/Image`` into an ``(height, width, 3)`` ``uint8`` RGB array.
+
+    Args:
+        data: the row-major pixel buffer (``msg.data``), ``step`` bytes per row, at least ``step * height`` bytes;
+            extra trailing bytes are ignored.
+        encoding: one of :data:`ENCODINGS` (case-insensitive).
+        width, height: image size in pixels.
+        step: bytes per row, at least ``width * bytes_per_pixel(encoding)``; the rest of a row is padding.
+        is_bigendian: byte order of ``mono16`` samples (ignored for 8-bit encodings).
+        max_pixels: reject images with more than this many pixels before touching the data.
+
+    Returns:
+        ``(height, width, 3)`` ``uint8`` RGB. ``rgb8``/``rgba8`` give a read-only view sharing memory with ``data``
+        (no copy); ``mono16`` keeps the high byte (``>> 8``); ``mono8``/``mono16`` are replicated to three channels.
+
+    Raises:
+        ImageDecodeError: unknown encoding, empty or oversized image, ``step`` too small, truncated data, or an odd
+            width for a 4:2:2 YUV encoding.
+    """
+    bpp, canonical = _lookup(encoding)
+    try:
+        width, height, step = int(width), int(height), int(step)
+    except (TypeError, ValueError):
+        raise ImageDecodeError(f"image width {width!r}, height {height!r} and step {step!r} must be integers") from None
+    _check_size(width, height, max_pixels, f"{encoding} image")
+    row_bytes = width * bpp
+    if step < row_bytes:
+        raise ImageDecodeError(
+            f"image step {step} is smaller than width*bytes_per_pixel {row_bytes} for encoding {encoding} "
+            f"(width {width})"
+        )
+    if bpp == 2 and canonical in ("uyvy", "yuyv") and width % 2:
+        raise ImageDecodeError(f"image width {width} is odd; encoding {encoding} packs two pixels per 4 bytes")
+    buf = _as_uint8_buffer(data, f"{encoding} image")
+    needed = step * height
+    if buf.size < needed:
+        raise ImageDecodeError(
+            f"image data has {buf.size} bytes but step*height = {step}*{height} = {needed} are needed for a "
+            f"{width}x{height} {encoding} image (truncated message)"
+        )
+    # (height, step) rows → drop the padding → split each row into pixels: all views, no copy.
+    rows = buf[:needed].reshape(height, step)[:, :row_bytes]
+    pixels = rows.reshape(height, width, bpp)
+
+    if canonical == "rgb8":
+        return pixels
+    if canonical == "rgba8":
+        return pixels[:, :, :3]
+    if canonical == "bgr8":
+        return cv2.cvtColor(pixels, cv2.COLOR_BGR2RGB)
+    if canonical == "bgra8":
+        return cv2.cvtColor(pixels, cv2.COLOR_BGRA2RGB)
+    if canonical == "mono8":
+        return cv2.cvtColor(pixels[:, :, 0], cv2.COLOR_GRAY2RGB)
+    if canonical == "mono16":
+        # ">> 8" of a 16-bit sample is its most significant byte: byte 0 when big-endian, byte 1 when little-endian.
+        high = np.ascontiguousarray(pixels[:, :, 0 if is_bigendian else 1])
+        return cv2.cvtColor(high, cv2.COLOR_GRAY2RGB)
+    if canonical == "uyvy":
+        return cv2.cvtColor(pixels, cv2.COLOR_YUV2RGB_UYVY)
+    return cv2.cvtColor(pixels, cv2.COLOR_YUV2RGB_YUY2)  # yuyv
+
+
+def compressed_image_size(data: BufferLike) -> tuple[str, int, int]:
+    """Read ``(codec, width, height)`` from a PNG or JPEG header without decoding the pixels.
+
+    Raises:
+        ImageDecodeError: the bytes are neither PNG nor JPEG, or the header is truncated or malformed.
+    """
+    buf = _as_uint8_buffer(data, "compressed image")
+    head = buf[:8].tobytes()
+    if head == _PNG_MAGIC:
+        if buf.size < 24 or buf[12:16].tobytes() != b"IHDR":
+            raise ImageDecodeError("compressed image is a PNG whose IHDR header chunk is missing or truncated")
+        width = int.from_bytes(buf[16:20].tobytes(), "big")
+        height = int.from_bytes(buf[20:24].tobytes(), "big")
+        return "png", width, height
+    if head[:3] == _JPEG_MAGIC:
+        return ("jpeg", *_jpeg_size(buf))
+    raise ImageDecodeError(
+        f"compressed image data ({buf.size} bytes, starting {head[:4].hex()}) is neither PNG nor JPEG"
+    )
+
+
+def _jpeg_size(buf: np.ndarray) -> tuple[int, int]:
+    """Walk the JPEG marker segments up to the first start-of-frame and return its (width, height)."""
+    n = buf.size
+    pos = 2
+    while pos + 4 <= n:
+        if buf[pos] != 0xFF:
+            break
+        marker = int(buf[pos + 1])
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # stand-alone markers carry no length
+            pos += 2
+            continue
+        if marker in (0xD9, 0xDA):  # end of image / start of scan before any frame header
+            break
+        length = (int(buf[pos + 2]) << 8) | int(buf[pos + 3])
+        if marker in _JPEG_SOF:
+            if pos + 9 > n or length < 7:
+                break
+            height = (int(buf[pos + 5]) << 8) | int(buf[pos + 6])
+            width = (int(buf[pos + 7]) << 8) | int(buf[pos + 8])
+            return width, height
+        pos += 2 + length
+    raise ImageDecodeError("compressed image is a JPEG without a readable start-of-frame header (corrupt or truncated)")
+
+
+def decode_compressed(data: BufferLike, format: str = "", max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode a ``sensor_msgs/CompressedImage`` (JPEG or PNG) into an ``(H, W, 3)`` ``uint8`` RGB array.
+
+    The codec is taken from the bytes (magic numbers); ``format`` (``msg.format``, e.g. ``"jpeg"``,
+    ``"rgb8; jpeg compressed bgr8"``, ``"png"``) may be empty, but if it names a codec it must agree with the bytes.
+    Grey images are replicated to three channels, alpha is dropped and 16-bit PNGs keep their high byte (``>> 8``).
+    The header size is checked against ``max_pixels`` before the pixels are decoded.
+
+    Raises:
+        ImageDecodeError: unsupported format (e.g. ``compressedDepth``), bytes that are not a decodable PNG/JPEG, a
+            truncated JPEG, or an image larger than ``max_pixels``.
+    """
+    fmt = (format or "").lower()
+    if "compresseddepth" in fmt:
+        raise ImageDecodeError(f"compressed image format {format!r} (depth) is not supported; expected jpeg or png")
+    codec, width, height = compressed_image_size(data)
+    named = {c for c, keys in (("jpeg", ("jpeg", "jpg")), ("png", ("png",))) if any(k in fmt for k in keys)}
+    if named and codec not in named:
+        raise ImageDecodeError(f"compressed image format {format!r} does not match its data, which is a {codec}")
+    _check_size(width, height, max_pixels, f"compressed {codec} image")
+    buf = _as_uint8_buffer(data, "compressed image")
+    if codec == "jpeg" and buf[-min(buf.size, 65536) :].tobytes().rfind(b"\xff\xd9") < 0:
+        raise ImageDecodeError("compressed image is a JPEG without an end-of-image marker (truncated message)")
+    try:
+        img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    except cv2.error as exc:
+        raise ImageDecodeError(f"compressed {codec} image could not be decoded by OpenCV: {exc.msg.strip()}") from exc
+    if img is None or img.size == 0:
+        raise ImageDecodeError(f"compressed {codec} image ({buf.size} bytes) could not be decoded (corrupt data)")
+    if img.shape[0] != height or img.shape[1] != width:
+        raise ImageDecodeError(
+            f"compressed {codec} image decoded to {img.shape[1]}x{img.shape[0]} but its header says {width}x{height}"
+        )
+    if img.dtype == np.uint16:
+        img = (img >> 8).astype(np.uint8)
+    elif img.dtype != np.uint8:
+        raise ImageDecodeError(f"compressed {codec} image has sample type {img.dtype}; expected 8 or 16 bit")
+    if img.ndim == 2 or img.shape[2] == 1:
+        return cv2.cvtColor(img.reshape(img.shape[:2]), cv2.COLOR_GRAY2RGB)
+    if img.shape[2] == 3:
+        return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    if img.shape[2] == 4:
+        return cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)
+    raise ImageDecodeError(f"compressed {codec} image has {img.shape[2]} channels; expected 1, 3 or 4")
+
+
+def _check_rgb(rgb: np.ndarray, what: str) -> np.ndarray:
+    rgb = np.asarray(rgb)
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.shape[0] == 0 or rgb.shape[1] == 0:
+        raise ValueError(f"{what} expects an (H, W, 3) uint8 RGB array, got shape {rgb.shape} dtype {rgb.dtype}")
+    return rgb
+
+
+def encode_raw(
+    rgb: np.ndarray, encoding: str, is_bigendian: bool = False, step: int | None = None
+) -> tuple[bytes, int]:
+    """Encode an ``(H, W, 3)`` ``uint8`` RGB array as ``sensor_msgs/Image`` data; the inverse of :func:`decode_raw`.
+
+    Args:
+        rgb: the image.
+        encoding: one of :data:`ENCODINGS`. ``mono8`` uses OpenCV's RGB→grey weights; ``mono16`` stores
+            ``grey * 257`` (so ``>> 8`` gives ``grey`` back); ``rgba8``/``bgra8`` store alpha 255; the YUV 4:2:2
+            encodings use OpenCV's BT.601 limited-range conversion (the inverse of the decoder's).
+        is_bigendian: byte order of ``mono16`` samples.
+        step: bytes per row; ``None`` means ``width * bytes_per_pixel``; a larger value pads each row with zeros.
+
+    Returns:
+        ``(data, step)`` with ``len(data) == step * H``.
+
+    Raises:
+        ValueError: ``rgb`` is not an ``(H, W, 3)`` ``uint8`` array, ``step`` is too small, or the width is odd for
+            a YUV 4:2:2 encoding.
+        ImageDecodeError: unknown encoding (a ``ValueError`` too).
+    """
+    bpp, canonical = _lookup(encoding)
+    rgb = _check_rgb(rgb, "encode_raw")
+    height, width = rgb.shape[:2]
+    if canonical in ("uyvy", "yuyv") and width % 2:
+        raise ValueError(f"encode_raw cannot write {encoding} with odd width {width}; 4:2:2 needs pixel pairs")
+    if canonical == "rgb8":
+        pixels = rgb
+    elif canonical == "bgr8":
+        pixels = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+    elif canonical == "rgba8":
+        pixels = cv2.cvtColor(rgb, cv2.COLOR_RGB2RGBA)
+    elif canonical == "bgra8":
+        pixels = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGRA)
+    elif canonical == "mono8":
+        pixels = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    elif canonical == "mono16":
+        grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY).astype(np.uint16) * np.uint16(257)
+        pixels = grey.astype(">u2" if is_bigendian else "<u2")
+    elif canonical == "uyvy":
+        pixels = cv2.cvtColor(rgb, cv2.COLOR_RGB2YUV_UYVY)
+    else:
+        pixels = cv2.cvtColor(rgb, cv2.COLOR_RGB2YUV_YUY2)
+    rows = np.ascontiguousarray(pixels).view(np.uint8).reshape(height, width * bpp)
+    row_bytes = width * bpp
+    step = row_bytes if step is None else int(step)
+    if step < row_bytes:
+        raise ValueError(f"encode_raw step {step} is smaller than width*bytes_per_pixel {row_bytes} for {encoding}")
+    if step > row_bytes:
+        padded = np.zeros((height, step), dtype=np.uint8)
+        padded[:, :row_bytes] = rows
+        rows = padded
+    return rows.tobytes(), step
+
+
+def encode_compressed(rgb: np.ndarray, fmt: str = "jpeg", quality: int = 90) -> bytes:
+    """Encode an ``(H, W, 3)`` ``uint8`` RGB array as JPEG or PNG bytes (``sensor_msgs/CompressedImage`` data).
+
+    Args:
+        rgb: the image.
+        fmt: ``"jpeg"`` (or ``"jpg"``) or ``"png"``.
+        quality: JPEG quality 1..100 (ignored for PNG, which is lossless).
+
+    Raises:
+        ValueError: bad array, unknown ``fmt`` or ``quality`` out of range.
+    """
+    rgb = _check_rgb(rgb, "encode_compressed")
+    fmt_l = fmt.lower()
+    if fmt_l in ("jpeg", "jpg"):
+        if not 1 <= int(quality) <= 100:
+            raise ValueError(f"encode_compressed quality {quality} is out of range; expected 1..100")
+        ext, params = ".jpg", [cv2.IMWRITE_JPEG_QUALITY, int(quality)]
+    elif fmt_l == "png":
+        ext, params = ".png", [cv2.IMWRITE_PNG_COMPRESSION, 3]
+    else:
+        raise ValueError(f"encode_compressed format {fmt!r} is not supported; expected 'jpeg' or 'png'")
+    ok, out = cv2.imencode(ext, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), params)
+    if not ok:  # pragma: no cover - OpenCV only fails here on internal errors
+        raise ValueError(f"encode_compressed: OpenCV failed to encode a {rgb.shape[1]}x{rgb.shape[0]} {fmt} image")
+    return out.tobytes()

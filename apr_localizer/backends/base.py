@@ -1,0 +1,193 @@
+"""The inference-backend interface and the ``auto`` selection.
+
+A backend runs up to three graphs on one device:
+
+* **APR graph** ``(image (B,3,H,W) float32, scene_override (B,) int64) -> pose (B,7), scene_log_probs (B,S),
+  scene (B,), latent_t (B,D), latent_rot (B,D)``; ``scene_override < 0`` means "use the classifier's argmax";
+* **encoder graph** (only when the iAPR model has its own MS-Transformer): the same signature with the iAPR's weights,
+  run with the scene forced to give the query latents;
+* **refinement graph** ``(latent_t (B,D), latent_rot (B,D), pose (B,7), scene (B,) int64) -> pose (B,7)``: one iAPR
+  step (PAE + RPR + compose), so iterations never re-run the backbone.
+
+Tensors cross the interface as torch tensors on :attr:`Backend.device` (CPU tensors for ONNX Runtime CPU).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..checkpoints import ModelBundle
+
+__all__ = [
+    "APR_INPUTS",
+    "APR_OUTPUTS",
+    "BACKENDS",
+    "REFINE_INPUTS",
+    "REFINE_OUTPUTS",
+    "Backend",
+    "BackendError",
+    "BackendOptions",
+    "create_backend",
+    "resolve_device",
+]
+
+log = logging.getLogger(__name__)
+
+APR_INPUTS = ("image", "scene_override")
+APR_OUTPUTS = ("pose", "scene_log_probs", "scene", "latent_t", "latent_rot")
+REFINE_INPUTS = ("latent_t", "latent_rot", "pose", "scene")
+REFINE_OUTPUTS = ("refined_pose",)
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+
+
+class BackendError(RuntimeError):
+    """A backend cannot be created or run with the requested options (one-sentence message)."""
+
+
+@dataclass
+class BackendOptions:
+    """Options every backend understands (unknown combinations raise :class:`BackendError`).
+
+    ``cache_dir`` holds exported ONNX files and TensorRT engines (default: ``~/.cache/apr_localizer``).
+    ``calibration_images`` (N,3,H,W) normalised are used for INT8 TensorRT calibration.
+    """
+
+    device: str = "cpu"
+    precision: str = "fp32"
+    threads: int = 0  # 0 = number of physical cores
+    batch_size: int = 1
+    cache_dir: Path | None = None
+    cuda_graphs: bool = False
+    calibration_images: torch.Tensor | None = field(default=None, repr=False)
+
+
+class Backend(ABC):
+    """One inference engine holding the graphs of a :class:`ModelBundle`."""
+
+    name: str = "?"
+
+    def __init__(self, bundle: ModelBundle, options: BackendOptions) -> None:
+        if options.precision not in PRECISIONS:
+            raise BackendError(f"precision '{options.precision}' is not one of {', '.join(PRECISIONS)}")
+        self.bundle = bundle
+        self.options = options
+        self.device = options.device
+
+    @property
+    def has_refiner(self) -> bool:
+        return self.bundle.iapr is not None
+
+    @property
+    def needs_encoder(self) -> bool:
+        """True when the iAPR has its own MS-Transformer (official two-checkpoint pipeline)."""
+        return self.bundle.iapr is not None and not self.bundle.shares_encoder
+
+    @abstractmethod
+    def run_apr(self, image: torch.Tensor, scene_override: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """APR graph: normalised images ``(B,3,H,W)`` → dict with the :data:`APR_OUTPUTS` names."""
+
+    @abstractmethod
+    def run_encoder(self, image: torch.Tensor, scene: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder graph of the iAPR's own MS-Transformer with the scene forced → ``(latent_t, latent_rot)``."""
+
+    @abstractmethod
+    def run_refine(
+        self, latent_t: torch.Tensor, latent_rot: torch.Tensor, pose: torch.Tensor, scene: torch.Tensor
+    ) -> torch.Tensor:
+        """Refinement graph: one iAPR step → refined pose ``(B,7)`` (unit quaternion, ``w >= 0``)."""
+
+    def warmup(self, runs: int = 2) -> None:
+        """Run every graph a few times on dummy inputs (allocations, lazy init, autotuning)."""
+        size = int(self.bundle.preprocess.get("crop", 224))
+        b = self.options.batch_size
+        x = torch.zeros(b, 3, size, size, device=self.device)
+        for _ in range(runs):
+            out = self.run_apr(x)
+            if self.has_refiner:
+                lt, lr = (out["latent_t"], out["latent_rot"])
+                if self.needs_encoder:
+                    lt, lr = self.run_encoder(x, out["scene"])
+                self.run_refine(lt, lr, out["pose"], out["scene"])
+
+    def describe(self) -> dict[str, str]:
+        """Short facts for logs and diagnostics."""
+        return {"backend": self.name, "device": str(self.device), "precision": self.options.precision}
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release engine resources."""
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` → ``cuda`` when torch sees a GPU, else ``cpu``; validate explicit names."""
+    if device in ("", "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BackendError(f"device '{device}' was requested but no CUDA device is available")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise BackendError(f"device '{device}' is not one of auto, cpu, cuda, cuda:N")
+    return device
+
+
+_MODULES = {
+    "torch": ("apr_localizer.backends.torch_backend", "TorchBackend"),
+    "onnxruntime": ("apr_localizer.backends.onnxruntime_backend", "OnnxRuntimeBackend"),
+    "tensorrt": ("apr_localizer.backends.tensorrt_backend", "TensorRTBackend"),
+}
+
+
+def _backend_class(name: str) -> type[Backend]:
+    module, cls = _MODULES[name]
+    return getattr(importlib.import_module(module), cls)
+
+
+def _auto_candidates(device: str) -> list[tuple[str, str, str]]:
+    """(backend, device, reason) in preference order: TensorRT → ORT-CUDA → torch-CUDA → ORT-CPU → torch-CPU."""
+    cuda = torch.cuda.is_available() and device != "cpu"
+    out = []
+    if cuda:
+        gpu = device if device.startswith("cuda") else "cuda"
+        out += [
+            ("tensorrt", gpu, "a CUDA GPU is present"),
+            ("onnxruntime", gpu, "TensorRT is unavailable; trying ONNX Runtime's CUDA provider"),
+            ("torch", gpu, "no ONNX Runtime CUDA provider; using torch on the GPU"),
+        ]
+    out += [
+        ("onnxruntime", "cpu", "no usable GPU engine; ONNX Runtime is the fastest CPU backend"),
+        ("torch", "cpu", "ONNX Runtime is unavailable; using torch on the CPU"),
+    ]
+    return out
+
+
+def create_backend(bundle: ModelBundle, backend: str = "auto", options: BackendOptions | None = None) -> Backend:
+    """Create a backend by name, or pick one with ``auto`` (logging why each candidate was taken or skipped)."""
+    options = options or BackendOptions()
+    if backend != "auto":
+        if backend not in BACKENDS:
+            raise BackendError(f"backend '{backend}' is not one of auto, {', '.join(BACKENDS)}")
+        options.device = resolve_device(options.device)
+        try:
+            cls = _backend_class(backend)
+        except ImportError as e:
+            raise BackendError(f"backend '{backend}' is not available here ({e})") from None
+        return cls(bundle, options)
+    errors = []
+    for name, device, reason in _auto_candidates(options.device):
+        opts = BackendOptions(**{**options.__dict__, "device": device})
+        try:
+            be = _backend_class(name)(bundle, opts)
+        except (ImportError, BackendError, RuntimeError, OSError) as e:
+            errors.append(f"{name}/{device}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+            log.info("backend auto: skipped %s on %s (%s)", name, device, errors[-1])
+            continue
+        log.info("backend auto: chose %s on %s because %s", name, device, reason)
+        be.selection_reason = reason
+        be.selection_skipped = errors
+        return be
+    raise BackendError("no backend could be created: " + "; ".join(errors))

@@ -1,0 +1,196 @@
+"""The ROS-free localization pipeline: image → :class:`Estimate` (pose, scene, confidence, timings).
+
+::
+
+    loc = Localizer.from_files("model.safetensors", options=LocalizerOptions(backend="auto"))
+    est = loc.localize(rgb)          # HxWx3 uint8 RGB (or another sensor encoding, see ``encoding``)
+    est.pose                         # [x, y, z, qw, qx, qy, qz], camera-to-map, unit quaternion with w >= 0
+
+Stages: decode (non-RGB encodings) → preprocess (the training test transform, on the backend's device) → APR graph
+once → ``iapr_iterations`` refinement steps on the cached image latents → geometry normalisation.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import geometry
+from .backends.base import Backend, BackendError, BackendOptions, create_backend
+from .checkpoints import CheckpointError, ModelBundle, load_bundle
+from .imaging import decode_raw
+from .preprocess import PreprocessConfig, preprocess
+
+__all__ = ["Estimate", "Localizer", "LocalizerOptions", "ModelLoadError"]
+
+log = logging.getLogger(__name__)
+
+
+class ModelLoadError(ValueError):
+    """The model files or options cannot make a working localizer (one sentence naming the file or option)."""
+
+
+@dataclass
+class LocalizerOptions:
+    """How to run a model: backend, device, precision, refinement iterations, threads, engine cache."""
+
+    backend: str = "auto"  # auto | torch | onnxruntime | tensorrt
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "fp32"  # fp32 | fp16 | bf16 | int8 (int8: TensorRT with calibration images)
+    iapr_iterations: int = 3
+    threads: int = 0  # CPU threads for the engine, 0 = physical cores
+    cache_dir: str | None = None  # exported ONNX files and TensorRT engines
+    preprocess_method: str = "auto"  # auto | pil | torch (see apr_localizer.preprocess)
+    cuda_graphs: bool = False
+
+
+@dataclass
+class Estimate:
+    """One localization result. ``pose`` is camera-to-map ``[x,y,z,qw,qx,qy,qz]`` (float64, unit q, ``w >= 0``)."""
+
+    pose: np.ndarray
+    apr_pose: np.ndarray
+    scene_id: int
+    scene_name: str
+    confidence: float
+    iterations: int
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def position(self) -> np.ndarray:
+        return self.pose[:3]
+
+    @property
+    def orientation(self) -> np.ndarray:
+        """Unit quaternion, w-first."""
+        return self.pose[3:7]
+
+    def is_finite(self) -> bool:
+        return bool(np.all(np.isfinite(self.pose)) and math.isfinite(self.confidence))
+
+
+class Localizer:
+    """Runs a :class:`ModelBundle` on a backend; one instance per worker thread (not thread-safe)."""
+
+    def __init__(self, bundle: ModelBundle, options: LocalizerOptions | None = None) -> None:
+        self.options = options = options or LocalizerOptions()
+        if options.iapr_iterations < 0:
+            raise ModelLoadError(f"iapr_iterations must be >= 0, got {options.iapr_iterations}")
+        self.bundle = bundle
+        self.scene_names = list(bundle.scene_names)
+        self.preprocess_config = PreprocessConfig.from_dict(
+            {**bundle.preprocess, "method": options.preprocess_method}
+        )
+        try:
+            self.backend: Backend = create_backend(
+                bundle,
+                options.backend,
+                BackendOptions(
+                    device=options.device,
+                    precision=options.precision,
+                    threads=options.threads,
+                    cache_dir=Path(options.cache_dir) if options.cache_dir else None,
+                    cuda_graphs=options.cuda_graphs,
+                ),
+            )
+        except BackendError as e:
+            raise ModelLoadError(str(e)) from None
+        self.device = str(self.backend.device)
+        self.backend_name = self.backend.name
+        self.iterations = options.iapr_iterations if bundle.iapr is not None else 0
+        if bundle.iapr is None and options.iapr_iterations > 0:
+            log.info("the model has no iAPR refiner: publishing MS-Transformer estimates")
+
+    @classmethod
+    def from_files(
+        cls,
+        model: str | Path,
+        iapr: str | Path | None = None,
+        pae: str | Path | None = None,
+        options: LocalizerOptions | None = None,
+        scene_names: list[str] | None = None,
+    ) -> Localizer:
+        """Build from our ``.safetensors`` bundle or official checkpoints (APR + optional iAPR/PAE)."""
+        try:
+            bundle = load_bundle(model, iapr or None, pae or None, scene_names=scene_names)
+        except CheckpointError as e:
+            raise ModelLoadError(str(e)) from None
+        return cls(bundle, options)
+
+    # ------------------------------------------------------------------------------------------------ running
+    def warmup(self, runs: int = 2) -> None:
+        """Run the graphs on dummy data so that the first real frame is not slow."""
+        self.backend.warmup(runs)
+        dummy = np.zeros((480, 640, 3), np.uint8)
+        self.localize(dummy)
+
+    def preprocess(self, rgb: np.ndarray) -> torch.Tensor:
+        """The shared test transform on the backend's device: ``(1,3,crop,crop)``."""
+        return preprocess(rgb, self.preprocess_config, device=self.device)
+
+    def localize(self, image: np.ndarray, encoding: str = "rgb8", iterations: int | None = None) -> Estimate:
+        """Localize one image: ``image`` is an HxWx3 uint8 RGB array, or an HxWxC array in ``encoding``."""
+        t0 = time.perf_counter()
+        timings: dict[str, float] = {}
+        if encoding != "rgb8":
+            arr = np.ascontiguousarray(image)
+            h, w = arr.shape[:2]
+            image = decode_raw(arr, encoding, w, h, arr.strides[0])
+        t1 = time.perf_counter()
+        timings["decode"] = (t1 - t0) * 1e3
+        x = self.preprocess(image)
+        t2 = time.perf_counter()
+        timings["preprocess"] = (t2 - t1) * 1e3
+        out = self.backend.run_apr(x)
+        scene_t = out["scene"]
+        t3 = time.perf_counter()
+        timings["apr"] = (t3 - t2) * 1e3
+        n = self.iterations if iterations is None else (int(iterations) if self.bundle.iapr is not None else 0)
+        pose = out["pose"]
+        if n > 0:
+            lt, lr = out["latent_t"], out["latent_rot"]
+            if self.backend.needs_encoder:
+                lt, lr = self.backend.run_encoder(x, scene_t)
+            for _ in range(n):
+                pose = self.backend.run_refine(lt, lr, pose, scene_t)
+        t4 = time.perf_counter()
+        timings["iapr"] = (t4 - t3) * 1e3
+        pose_np = pose[0].detach().to("cpu", torch.float64).numpy()
+        apr_np = out["pose"][0].detach().to("cpu", torch.float64).numpy()
+        scene = int(scene_t[0])
+        conf = float(torch.exp(out["scene_log_probs"][0, scene].float()))
+        try:
+            pose_np = np.concatenate([pose_np[:3], geometry.quat_normalize(pose_np[3:])])
+        except ValueError:  # zero or non-finite quaternion: reported as a non-finite estimate
+            pose_np = np.full(7, np.nan)
+        t5 = time.perf_counter()
+        timings["postprocess"] = (t5 - t4) * 1e3
+        timings["total"] = (t5 - t0) * 1e3
+        return Estimate(
+            pose=pose_np,
+            apr_pose=apr_np,
+            scene_id=scene,
+            scene_name=self.scene_names[scene] if 0 <= scene < len(self.scene_names) else str(scene),
+            confidence=conf,
+            iterations=n,
+            timings_ms=timings,
+        )
+
+    def describe(self) -> dict[str, str]:
+        """Backend, device, precision, scenes and iterations, for logs and diagnostics."""
+        return {
+            **self.backend.describe(),
+            "scenes": ",".join(self.scene_names),
+            "iapr_iterations": str(self.iterations),
+            "selection": getattr(self.backend, "selection_reason", "requested"),
+        }
+
+    def close(self) -> None:
+        """Release the backend."""
+        self.backend.close()

@@ -131,7 +131,7 @@ class Localizer:
         self.localize(dummy)
 
     def preprocess(self, rgb: np.ndarray) -> torch.Tensor:
-        """The shared test transform on the backend's device: ``(1,3,crop,crop)``."""
+        """Apply the shared test transform on the backend's device: ``(1,3,crop,crop)``."""
         return preprocess(rgb, self.preprocess_config, device=self.device)
 
     def localize(self, image: np.ndarray, encoding: str = "rgb8", iterations: int | None = None) -> Estimate:

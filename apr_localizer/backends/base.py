@@ -95,7 +95,7 @@ class Backend(ABC):
 
     @abstractmethod
     def run_encoder(self, image: torch.Tensor, scene: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encoder graph of the iAPR's own MS-Transformer with the scene forced → ``(latent_t, latent_rot)``."""
+        """Run the encoder graph (the iAPR's own MS-Transformer, scene forced) → ``(latent_t, latent_rot)``."""
 
     @abstractmethod
     def run_refine(

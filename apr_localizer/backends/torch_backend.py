@@ -13,7 +13,7 @@ __all__ = ["TorchBackend", "physical_cores"]
 
 
 def physical_cores() -> int:
-    """Number of physical CPU cores (logical cores / SMT siblings when it can be read)."""
+    """Return the number of physical CPU cores (falls back to logical cores)."""
     try:
         import psutil
 

@@ -1,0 +1,58 @@
+"""Console entry points of apr_training; each command lives in its own module and is imported lazily.
+
+``apr-train``, ``apr-eval``, ``apr-export``, ``apr-bench``, ``apr-synth``, ``apr-eval-bag``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Sequence
+
+_COMMANDS = {
+    "train": ("apr_training.train.cli", "main"),
+    "eval": ("apr_training.evaluate", "main"),
+    "export": ("apr_training.export_cli", "main"),
+    "bench": ("apr_training.bench", "main"),
+    "synth": ("apr_training.datasets.synthetic.cli", "synth_main"),
+    "eval_bag": ("apr_training.bag_eval", "main"),
+}
+
+
+def _run(command: str, argv: Sequence[str] | None) -> int:
+    module, func = _COMMANDS[command]
+    return int(getattr(importlib.import_module(module), func)(list(sys.argv[1:] if argv is None else argv)) or 0)
+
+
+def train_main(argv: Sequence[str] | None = None) -> int:
+    """``apr-train``: train MS-Transformer, PAE, iAPR, PoseNet or the PAE image decoder."""
+    return _run("train", argv)
+
+
+def eval_main(argv: Sequence[str] | None = None) -> int:
+    """``apr-eval``: accuracy/latency tables, plots and TUM trajectories on a label CSV."""
+    return _run("eval", argv)
+
+
+def export_main(argv: Sequence[str] | None = None) -> int:
+    """``apr-export``: ONNX graphs (+ optional TensorRT engine) with a parity report, as a bundle the node loads."""
+    return _run("export", argv)
+
+
+def bench_main(argv: Sequence[str] | None = None) -> int:
+    """``apr-bench``: per-stage latency, throughput and memory for every available backend."""
+    return _run("bench", argv)
+
+
+def synth_main(argv: Sequence[str] | None = None) -> int:
+    """``apr-synth``: render the synthetic multi-scene benchmark (label CSVs and ROS 2 bags)."""
+    return _run("synth", argv)
+
+
+def eval_bag_main(argv: Sequence[str] | None = None) -> int:
+    """``apr-eval-bag``: evaluate on a ROS 2 bag, offline or live through the node."""
+    return _run("eval_bag", argv)
+
+
+if __name__ == "__main__":  # python -m apr_training.cli <command> ...
+    sys.exit(_run(sys.argv[1].replace("-", "_"), sys.argv[2:]))

@@ -1,0 +1,193 @@
+"""Session-wide ROS 2 environment guard and shared fixtures.
+
+At import time (before any test module can import rclpy) this sets the environment that every process importing
+rclpy must have, so that subprocesses inherit it: ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST (forced), a private
+ROS_DOMAIN_ID, a temporary ROS_LOG_DIR, AMENT_PREFIX_PATH and the Fast DDS SHM profile. scripts/run_tests.sh sets the
+same variables; this makes a bare ``python -m pytest`` safe as well.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import sys
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+FASTDDS_PROFILE = REPO_ROOT / "config" / "fastdds_shm_big.xml"
+# Private domain ids: 0 is everybody's default; ids above 101 can collide with Linux ephemeral ports.
+_DOMAIN_RANGE = range(1, 101)
+
+_created_log_dir: str | None = None
+
+
+def _valid_domain_id(value: str | None) -> bool:
+    return value is not None and value.isdigit() and int(value) in _DOMAIN_RANGE
+
+
+def _apply_ros_env_defaults() -> None:
+    """Force LOCALHOST discovery and fill in the other mandatory ROS variables (kept when already valid)."""
+    global _created_log_dir
+    if os.environ.get("ROS_AUTOMATIC_DISCOVERY_RANGE") not in (None, "LOCALHOST"):
+        warnings.warn(
+            f"ROS_AUTOMATIC_DISCOVERY_RANGE={os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE']} replaced by LOCALHOST: "
+            "tests must not send DDS traffic off the machine.",
+            stacklevel=2,
+        )
+    os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
+    if not _valid_domain_id(os.environ.get("ROS_DOMAIN_ID")):
+        os.environ["ROS_DOMAIN_ID"] = str(random.SystemRandom().choice(_DOMAIN_RANGE))
+    if not os.environ.get("ROS_LOG_DIR"):
+        _created_log_dir = tempfile.mkdtemp(prefix="apr_ros_log_")
+        os.environ["ROS_LOG_DIR"] = _created_log_dir
+    os.environ.setdefault("AMENT_PREFIX_PATH", sys.prefix)
+    if FASTDDS_PROFILE.is_file():
+        os.environ.setdefault("FASTDDS_DEFAULT_PROFILES_FILE", str(FASTDDS_PROFILE))
+    if os.environ.get("RMW_IMPLEMENTATION", "rmw_fastrtps_cpp") != "rmw_fastrtps_cpp":
+        del os.environ["RMW_IMPLEMENTATION"]  # only Fast DDS exists in the PyPI wheels
+
+
+_apply_ros_env_defaults()
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    """Show the ROS environment of this run."""
+    return (
+        f"ROS: ROS_AUTOMATIC_DISCOVERY_RANGE={os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE']} "
+        f"ROS_DOMAIN_ID={os.environ['ROS_DOMAIN_ID']} ROS_LOG_DIR={os.environ['ROS_LOG_DIR']}"
+    )
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Remove the ROS log dir this conftest created (run_tests.sh manages its own)."""
+    if _created_log_dir:
+        shutil.rmtree(_created_log_dir, ignore_errors=True)
+
+
+def _check_discovery_range(culprit: str) -> None:
+    if os.environ.get("ROS_AUTOMATIC_DISCOVERY_RANGE") != "LOCALHOST":
+        value = os.environ.get("ROS_AUTOMATIC_DISCOVERY_RANGE", "<unset>")
+        os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
+        pytest.fail(f"{culprit} set ROS_AUTOMATIC_DISCOVERY_RANGE={value}; it must stay LOCALHOST.", pytrace=False)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Before every test: the discovery range must still be LOCALHOST (e.g. after module imports)."""
+    _check_discovery_range("code run before this test")
+
+
+@pytest.fixture(autouse=True)
+def _discovery_range_guard() -> Iterator[None]:
+    """After every test: fail the test that changed the discovery range (error at teardown) and restore LOCALHOST."""
+    yield
+    _check_discovery_range("this test")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip tests marked ``gpu`` unless CUDA is available (torch is imported only if such tests exist)."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_items:
+        return
+    try:
+        import torch
+
+        has_cuda = bool(torch.cuda.is_available())
+    except Exception:  # torch missing or broken CUDA runtime
+        has_cuda = False
+    if not has_cuda:
+        skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+        for item in gpu_items:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    """Root of the repository checkout."""
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    """Parity reference data: $APR_SHARED_DIR/reference, else <repo>/../shared/reference.
+
+    Skips when it is missing, unless APR_REQUIRE_REFERENCE=1 (set by .ci/run), where a missing directory fails.
+    """
+    shared = os.environ.get("APR_SHARED_DIR")
+    path = (Path(shared) if shared else REPO_ROOT.parent / "shared") / "reference"
+    if not path.is_dir():
+        msg = f"parity reference data not found at {path} (set APR_SHARED_DIR to the directory holding reference/)"
+        if os.environ.get("APR_REQUIRE_REFERENCE") == "1":
+            pytest.fail(msg, pytrace=False)
+        pytest.skip(msg)
+    return path
+
+
+def find_console_script(name: str) -> Path:
+    """Return the path of console script ``name`` installed in this venv (``sys.prefix/bin``).
+
+    ``setup.cfg`` sends non-editable ``setup.py install`` scripts to ``lib/apr_localizer`` (the ROS layout), so that
+    directory is searched second.
+    """
+    for directory in (Path(sys.prefix) / "bin", Path(sys.prefix) / "lib" / "apr_localizer"):
+        path = directory / name
+        if path.is_file() and os.access(path, os.X_OK):
+            return path
+    raise FileNotFoundError(
+        f"console script {name!r} not found in {Path(sys.prefix) / 'bin'}: install the package (make venv)."
+    )
+
+
+@pytest.fixture(scope="session")
+def venv_bin() -> Callable[[str], Path]:
+    """Return a function mapping a console-script name to its path in the venv (see find_console_script)."""
+    return find_console_script
+
+
+def _other_domain_id() -> int:
+    session = int(os.environ["ROS_DOMAIN_ID"])
+    return random.SystemRandom().choice([d for d in _DOMAIN_RANGE if d != session])
+
+
+@pytest.fixture
+def ros_env(tmp_path: Path) -> dict[str, str]:
+    """Environment for ROS subprocesses of one test: a per-test ROS_DOMAIN_ID and ROS_LOG_DIR under tmp_path.
+
+    In-process rclpy code that must talk to these subprocesses has to use the same domain:
+    ``rclpy.init(context=ctx, domain_id=int(ros_env["ROS_DOMAIN_ID"]))`` (or the ``rclpy_context`` fixture).
+    The repo root is prepended to PYTHONPATH so subprocesses import this checkout.
+    """
+    log_dir = tmp_path / "ros_log"
+    log_dir.mkdir()
+    env = dict(os.environ)
+    env.update(
+        ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST",
+        ROS_DOMAIN_ID=str(_other_domain_id()),
+        ROS_LOG_DIR=str(log_dir),
+        AMENT_PREFIX_PATH=os.environ.get("AMENT_PREFIX_PATH", sys.prefix),
+        PYTHONPATH=os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p),
+        PYTHONUNBUFFERED="1",
+    )
+    if FASTDDS_PROFILE.is_file():
+        env["FASTDDS_DEFAULT_PROFILES_FILE"] = str(FASTDDS_PROFILE)
+    return env
+
+
+@pytest.fixture
+def rclpy_context(ros_env: dict[str, str]) -> Iterator[Any]:
+    """Yield an initialised private ``rclpy.Context`` on the ``ros_env`` domain; shut it down after the test."""
+    import rclpy
+    from rclpy.context import Context
+
+    context = Context()
+    rclpy.init(context=context, domain_id=int(ros_env["ROS_DOMAIN_ID"]))
+    try:
+        yield context
+    finally:
+        context.try_shutdown()

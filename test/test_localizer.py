@@ -54,7 +54,7 @@ def test_iapr_bundle_refines_and_matches_model(tmp_path):
         pose = out["pose"]
         for _ in range(3):
             pose = iapr.step(out["latent_t"], out["latent_rot"], pose, out["scene"])
-    np.testing.assert_allclose(est.pose, pose[0].double().numpy(), atol=1e-5)
+    np.testing.assert_allclose(est.pose, pose[0].double().numpy(), atol=1e-4)  # BatchNorm folded in the backend
     assert not np.allclose(est.pose[:3], est.apr_pose[:3])
     assert loc.localize(rgb, iterations=0).iterations == 0
 
@@ -69,7 +69,7 @@ def test_separate_encoder_bundle_runs_the_encoder_graph(tmp_path):
     with torch.inference_mode():
         out = apr(preprocess(rgb))
         ref = iapr.refine(preprocess(rgb), out["pose"], out["scene"], 2)["pose"]
-    np.testing.assert_allclose(est.pose, ref[0].double().numpy(), atol=1e-5)
+    np.testing.assert_allclose(est.pose, ref[0].double().numpy(), atol=1e-4)
 
 
 @pytest.mark.parametrize("encoding", ["bgr8", "rgba8", "bgra8"])

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import os
 
 import torch
 
 from ..checkpoints import ModelBundle
+from ..models.backbone import fold_batchnorm
 from .base import Backend, BackendError, BackendOptions
 
 __all__ = ["TorchBackend", "physical_cores"]
@@ -62,8 +64,12 @@ class TorchBackend(Backend):
         if dev.type == "cpu":
             torch.set_num_threads(options.threads or physical_cores())
         self.autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(options.precision)
-        self.apr = bundle.apr.to(dev).eval()
-        self.iapr = bundle.iapr.to(dev).eval() if bundle.iapr is not None else None
+        # Inference copies with BatchNorm folded into the convolutions; a shared iAPR encoder stays shared.
+        self.apr = fold_batchnorm(copy.deepcopy(bundle.apr)).to(dev)
+        self.iapr = None
+        if bundle.iapr is not None:
+            self.iapr = copy.deepcopy(bundle.iapr, memo={id(bundle.apr): self.apr})
+            fold_batchnorm(self.iapr).to(dev)
         self._graphs: dict[str, _CudaGraph] = {}
         self.use_cuda_graphs = bool(options.cuda_graphs and dev.type == "cuda")
         if options.cuda_graphs and dev.type != "cuda":

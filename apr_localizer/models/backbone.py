@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models import efficientnet_b0
 
-__all__ = ["TF_SAME_PADS", "EfficientNetB0Features", "SamePadConv2d", "calibrate_batchnorm"]
+__all__ = ["TF_SAME_PADS", "EfficientNetB0Features", "SamePadConv2d", "calibrate_batchnorm", "fold_batchnorm"]
 
 # torchvision module path → (left, right, top, bottom) zero padding of the official weights at 224 input.
 TF_SAME_PADS: dict[str, tuple[int, int, int, int]] = {
@@ -134,3 +134,22 @@ def calibrate_batchnorm(
     for bn, m in zip(bns, saved):
         bn.momentum = m
     model.eval()
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """Fold every eval-mode ``BatchNorm2d`` that follows a ``Conv2d`` in a Sequential into the conv (in place).
+
+    For inference only: outputs equal the unfolded model's up to float rounding, one op less per conv. Returns
+    ``model`` (put in eval mode).
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    model.eval()
+    for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
+        names = list(seq._modules)
+        for a, b in zip(names, names[1:]):
+            conv, bn = seq._modules[a], seq._modules[b]
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                seq._modules[a] = fuse_conv_bn_eval(conv, bn)
+                seq._modules[b] = nn.Identity()
+    return model

@@ -96,6 +96,12 @@ class PoseRegressor(nn.Module):
         return self.fc_o(F.gelu(self.fc_h(x)))
 
 
+def _project_tokens(proj: nn.Conv2d, feat: torch.Tensor) -> torch.Tensor:
+    """1x1 convolution ``(B,C,h,w)`` → tokens ``(B,h*w,D)`` as one matmul on the flattened map (no conv, no copy)."""
+    w = proj.weight.reshape(proj.out_channels, proj.in_channels)
+    return F.linear(feat.flatten(2).transpose(1, 2), w, proj.bias)
+
+
 class MSTransformer(nn.Module):
     """Multi-scene absolute pose regressor.
 
@@ -150,8 +156,8 @@ class MSTransformer(nn.Module):
         pos_rot = self.position_embedding(h_rot, w_rot)  # (1, h_rot*w_rot, D)
         # The coarse map's encoding is the top-left corner of the shared embedding (not a downsampled copy).
         pos_t = self.position_embedding(h_t, w_t)
-        src_t = self.input_proj_t(feat_t).flatten(2).transpose(1, 2)  # (B, h*w, D)
-        src_rot = self.input_proj_rot(feat_rot).flatten(2).transpose(1, 2)
+        src_t = _project_tokens(self.input_proj_t, feat_t)  # (B, h*w, D)
+        src_rot = _project_tokens(self.input_proj_rot, feat_rot)
         local_t = self.transformer_t(src_t, pos_t, self.query_embed_t.weight)  # (B, S, D)
         local_rot = self.transformer_rot(src_rot, pos_rot, self.query_embed_rot.weight)
         logits = self.scene_embed(torch.cat([local_t, local_rot], dim=-1)).squeeze(-1)  # (B, S)

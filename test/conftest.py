@@ -55,6 +55,8 @@ def _apply_ros_env_defaults() -> None:
 
 
 _apply_ros_env_defaults()
+# Exported ONNX files and TensorRT engines of test runs go to a per-session temp dir, never the user's cache.
+os.environ.setdefault("APR_LOCALIZER_CACHE_DIR", tempfile.mkdtemp(prefix="apr_cache_"))
 
 
 def pytest_report_header(config: pytest.Config) -> str:

@@ -1,0 +1,349 @@
+"""``apr-export``: a deployable model directory (bundle + ONNX graphs + parity report [+ TensorRT engines]).
+
+::
+
+    apr-export --model ms_transformer.pth --iapr iapr.pth --out deploy/ [--tensorrt --precision fp16]
+
+Writes into ``--out`` (``DIR``):
+
+* ``model.safetensors``: the model bundle (weights + scene names + preprocessing), the file the node loads
+  (``model.path``). The graphs below are exported from this file as loaded back, so they match it exactly.
+* ``onnx/<key>/{apr,refine,encoder}.onnx`` + ``manifest.json`` + ``parity.json``: the ONNX graphs in the layout of
+  the runtime's export cache (:func:`apr_localizer.backends.engine_cache.cached_onnx_export`), so a node started with
+  ``cache_dir: DIR`` and the same model runs them without exporting again (with the default exporter settings; other
+  ``--exporter``/``--opset`` values are for other runtimes, the node exports its own defaults).
+* ``tensorrt/<graph>.<precision>.engine`` (``--tensorrt``): engines built with :func:`apr_localizer.export.
+  build_tensorrt_engine` (``tensorrt``, else ``tensorrt_rtx``, which builds ahead of time without a GPU). On a machine
+  with a CUDA GPU and TensorRT, the node's own engine cache ``DIR/engines/`` is filled as well (prebuilt for this GPU).
+* ``export.json`` (every path, parity verdict, node parameters) and ``README.md`` (which files the node uses).
+
+Exit status: 0 when every parity case passes, 1 when parity or the TensorRT build fails, 2 on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from apr_localizer import __version__
+from apr_localizer.backends.base import BackendError, BackendOptions
+from apr_localizer.checkpoints import CheckpointError, ModelBundle, load_bundle, load_model, save_model
+
+from .metrics import render_table
+
+__all__ = ["build_parser", "format_parity", "load_calibration_images", "main"]
+
+log = logging.getLogger(__name__)
+
+MODEL_NAME = "model.safetensors"
+EXPORT_INFO = "export.json"
+
+
+class ExportCliError(RuntimeError):
+    """Bad input for apr-export (one sentence naming the file or option)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="apr-export",
+        description="Export a model for deployment: model.safetensors (what the node loads), ONNX graphs with a "
+        "torch-vs-ONNX-Runtime parity report, and optionally TensorRT engines.",
+    )
+    p.add_argument("--model", required=True, help="our model bundle (.safetensors) or an official APR/iAPR .pth")
+    p.add_argument("--iapr", help="official iAPR checkpoint (.pth) to bundle with the APR")
+    p.add_argument("--pae", help="official pose auto-encoder checkpoint (.pth) to bundle")
+    p.add_argument("--scene-names", help="comma-separated scene names (official checkpoints carry none)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument(
+        "--exporter",
+        default="torchscript",
+        choices=("torchscript", "dynamo"),
+        help="torchscript: opset 14-20, 17 loads on TensorRT 8.6 / JetPack 5; dynamo: opset >= 18 "
+        "(default: torchscript)",
+    )
+    p.add_argument("--opset", type=int, help="ONNX opset (default: 17 with torchscript, 18 with dynamo)")
+    p.add_argument("--parity-images", type=int, default=4, help="random images in the parity check (default: 4)")
+    p.add_argument("--tolerance", type=float, default=1e-4, help="max abs pose difference allowed (default: 1e-4)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch and ONNX Runtime (0 = default)")
+    p.add_argument("--tensorrt", action="store_true", help="also build TensorRT engines of every graph")
+    p.add_argument(
+        "--precision", default="fp16", choices=("fp16", "fp32", "int8"), help="TensorRT precision (default: fp16)"
+    )
+    p.add_argument("--workspace-mb", type=int, default=1024, help="TensorRT builder workspace (default: 1024)")
+    p.add_argument(
+        "--calibration-labels",
+        help="label CSV whose images calibrate INT8 (and add real images to the parity check); needs --data",
+    )
+    p.add_argument("--data", help="dataset root of --calibration-labels")
+    p.add_argument("--calibration-count", type=int, default=64, help="images spread over the CSV (default: 64)")
+    return p
+
+
+# ---------------------------------------------------------------------------------------------------- steps
+def load_calibration_images(labels: str | Path, data: str | Path, bundle: ModelBundle, count: int) -> torch.Tensor:
+    """``count`` images spread evenly over a label CSV, preprocessed like the node does: ``(N,3,H,W)`` float32."""
+    from apr_localizer.preprocess import PreprocessConfig, preprocess
+
+    from .datasets.labels import read_labels, validate_images
+    from .datasets.torch_datasets import load_rgb
+
+    table = read_labels(labels, data)
+    if not len(table):
+        raise ExportCliError(f"{labels}: the label CSV has no rows to calibrate with")
+    idx = np.unique(np.linspace(0, len(table) - 1, num=min(count, len(table))).round().astype(np.int64))
+    paths = validate_images(table.take(idx))
+    config = PreprocessConfig.from_dict(bundle.preprocess)
+    return torch.cat([preprocess(load_rgb(p), config) for p in paths])
+
+
+def _fmt_diff(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2e}"
+
+
+def format_parity(report: dict[str, Any]) -> str:
+    """Plain-text table of a :func:`apr_localizer.export.parity_report` result, one row per case, plus a verdict."""
+    rows = []
+    for c in report["cases"]:
+        diffs = dict(c.get("max_abs_diff", {}))
+        pose = diffs.pop("pose", diffs.pop("refined_pose", None))
+        other = max(diffs.values()) if diffs else None
+        agree = c.get("scene_agreement")
+        rows.append(
+            [
+                c["graph"],
+                c["inputs"],
+                c["path"],
+                str(c.get("images", "")),
+                _fmt_diff(pose),
+                _fmt_diff(other),
+                "-" if agree is None else f"{100 * agree:.0f}%",
+                "pass" if c["passed"] else "FAIL",
+            ]
+        )
+    headers = ["Graph", "Inputs", "Path", "Images", "max|Δ| pose", "max|Δ| other", "Scene agree", "Result"]
+    verdict = "PASSED" if report["passed"] else "FAILED: " + ", ".join(report.get("failures", []))
+    return (
+        render_table(headers, rows)
+        + f"\nParity torch vs ONNX Runtime ({report.get('exporter')}, opset {report.get('opset')}, tolerance "
+        f"{report.get('tolerance'):g}): {verdict}\n"
+    )
+
+
+def _save_bundle(bundle: ModelBundle, path: Path, provenance: dict[str, Any]) -> Path:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_model(
+        tmp,
+        bundle.apr,
+        bundle.iapr,
+        bundle.pae,
+        scene_names=list(bundle.scene_names),
+        preprocess=dict(bundle.preprocess),
+        provenance=provenance,
+    )
+    os.replace(tmp, path)
+    return path
+
+
+def _build_engines(
+    export, out: Path, precision: str, calibration: torch.Tensor | None, workspace_mb: int
+) -> dict[str, dict[str, Any]]:
+    """Standalone engines ``out/tensorrt/<graph>.<precision>.engine`` (INT8 applies to image graphs only)."""
+    from apr_localizer.export import build_tensorrt_engine, file_sha256, import_tensorrt, is_rtx
+
+    trt = import_tensorrt()
+    engines: dict[str, dict[str, Any]] = {}
+    for graph, onnx_path in export.files.items():
+        # The refinement graph runs in fp32 everywhere (as the tensorrt backend builds it): it is tiny, and its
+        # composed quaternion feeds the next iteration.
+        prec = "fp32" if graph == "refine" else precision
+        calib = calibration if prec == "int8" else None
+        path = out / "tensorrt" / f"{graph}.{prec}.engine"
+        log.info("building TensorRT %s engine of %s ...", prec, onnx_path.name)
+        build_tensorrt_engine(onnx_path, path, prec, calib, workspace_mb, module=trt)
+        engines[graph] = {
+            "file": str(path.relative_to(out)),
+            "precision": prec,
+            "bytes": path.stat().st_size,
+            "sha256": file_sha256(path),
+            "onnx_sha256": file_sha256(onnx_path),
+            "tensorrt_module": trt.__name__,
+            "tensorrt_version": str(getattr(trt, "__version__", "?")),
+            "ahead_of_time": bool(is_rtx(trt) and not torch.cuda.is_available()),
+        }
+    return engines
+
+
+def _prebuild_node_cache(bundle: ModelBundle, out: Path, precision: str, calibration: torch.Tensor | None) -> str:
+    """Fill the node's engine cache ``out/engines`` through the TensorRT backend itself (needs a CUDA GPU)."""
+    from apr_localizer.backends.base import create_backend
+
+    opts = BackendOptions(device="cuda", precision=precision, cache_dir=out, calibration_images=calibration)
+    backend = create_backend(bundle, "tensorrt", opts)
+    try:
+        backend.warmup(1)
+    finally:
+        backend.close()
+    return str(out / "engines")
+
+
+def _readme(info: dict[str, Any]) -> str:
+    out = Path(info["out"])
+    onnx_dir = info["onnx"]["dir"]
+    if info["onnx"]["node_default"]:
+        onnx_note = " (they were exported with the runtime's default settings)."
+    else:
+        onnx_note = "; these were exported with non-default settings, so the node exports its own default graphs once."
+    lines = [
+        "# apr_localizer deployment directory",
+        "",
+        f"Written by apr-export {info['apr_localizer']} on {info['date_utc']} from `{info['source']['model']}`.",
+        "",
+        "## Files the node uses",
+        "",
+        f"* `{MODEL_NAME}`: the model (weights, scene names {info['scene_names']}, preprocessing). Node parameter "
+        f"`model.path: {out / MODEL_NAME}`; leave `model.iapr_path` and `model.pae_path` empty (the bundle holds "
+        "every component).",
+        f"* `{onnx_dir}/`: the ONNX graphs ({', '.join(info['onnx']['graphs'])}) with `manifest.json`. With "
+        f"`cache_dir: {out}` the onnxruntime and tensorrt backends take them from here instead of exporting again"
+        + onnx_note,
+    ]
+    if info.get("node_engine_cache"):
+        lines.append(
+            f"* `engines/`: TensorRT engines prebuilt for this GPU ({info['precision']}); used with "
+            f"`backend: tensorrt`, `precision: {info['precision']}`, `cache_dir: {out}`."
+        )
+    lines += [
+        "",
+        "Node parameters (config/localizer.yaml):",
+        "",
+        "```yaml",
+        f'model:\n  path: "{out / MODEL_NAME}"',
+        f'cache_dir: "{out}"',
+        'backend: "auto"   # or onnxruntime / tensorrt / torch',
+        "```",
+        "",
+        "## Other files",
+        "",
+        f"* `{onnx_dir}/parity.json`: torch vs ONNX Runtime parity (max abs differences per output, scene "
+        f"agreement); verdict: {'passed' if info['parity']['passed'] else 'FAILED'}.",
+    ]
+    if info.get("tensorrt"):
+        lines.append(
+            "* `tensorrt/`: standalone TensorRT engines (built with "
+            f"{next(iter(info['tensorrt'].values()))['tensorrt_module']}) for trtexec or other runtimes; the node "
+            "builds and caches its own engines under `cache_dir/engines/` for the GPU it runs on."
+        )
+    lines += [f"* `{EXPORT_INFO}`: everything above as JSON.", ""]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``apr-export`` entry point; returns the exit status (0 ok, 1 parity/TensorRT failure, 2 bad input)."""
+    from apr_localizer.backends.engine_cache import cached_onnx_export, export_cache_key
+    from apr_localizer.export import ExportError, parity_report
+
+    from .datasets.labels import LabelError
+
+    parser = build_parser()
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    if args.calibration_labels and not args.data:
+        parser.error("--calibration-labels needs --data (the dataset root of its img_path column)")
+    if args.tensorrt and args.precision == "int8" and not args.calibration_labels:
+        parser.error("--precision int8 needs --calibration-labels CSV --data ROOT (INT8 calibration images)")
+    if args.parity_images < 1:
+        parser.error(f"--parity-images must be >= 1, got {args.parity_images}")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    dynamo = args.exporter == "dynamo"
+    out = Path(args.out)
+    try:
+        scene_names = [s.strip() for s in args.scene_names.split(",")] if args.scene_names else None
+        source = load_bundle(args.model, args.iapr, args.pae, scene_names=scene_names)
+        out.mkdir(parents=True, exist_ok=True)
+        provenance = {
+            **{k: v for k, v in source.provenance.items() if isinstance(v, (str, int, float, bool))},
+            "exported_by": f"apr-export {__version__}",
+            "source_model": str(args.model),
+        }
+        model_path = _save_bundle(source, out / MODEL_NAME, provenance)
+        bundle = load_model(model_path)  # exactly what the node will load
+        calibration = None
+        if args.calibration_labels:
+            calibration = load_calibration_images(args.calibration_labels, args.data, bundle, args.calibration_count)
+        export = cached_onnx_export(bundle, out, opset=args.opset, dynamo=dynamo)
+    except (CheckpointError, LabelError, FileNotFoundError, ExportCliError) as e:
+        print(f"apr-export: error: {e}", file=sys.stderr)
+        return 2
+    except ExportError as e:
+        print(f"apr-export: error: ONNX export failed: {e}", file=sys.stderr)
+        return 1
+    real = calibration[: max(args.parity_images, 1)] if calibration is not None else None
+    parity = parity_report(
+        bundle,
+        export.out_dir,
+        n_images=args.parity_images,
+        images=real,
+        tolerance=args.tolerance,
+        threads=args.threads or None,
+    )
+    print(format_parity(parity), end="")
+    status = 0 if parity["passed"] else 1
+    info: dict[str, Any] = {
+        "out": str(out.resolve()),
+        "apr_localizer": __version__,
+        "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "source": {"model": str(args.model), "iapr": args.iapr, "pae": args.pae},
+        "model": MODEL_NAME,
+        "scene_names": list(bundle.scene_names),
+        "components": [c for c in ("apr", "iapr", "pae") if getattr(bundle, c) is not None],
+        "onnx": {
+            "dir": str(export.out_dir.relative_to(out)),
+            "graphs": {g: str(p.relative_to(out)) for g, p in export.files.items()},
+            "exporter": export.exporter,
+            "opset": export.opset,
+            "node_default": export_cache_key(bundle, None, None, 1) == export.out_dir.name,
+            "reused": export.reused,
+        },
+        "parity": {
+            "file": str((export.out_dir / "parity.json").relative_to(out)),
+            "passed": parity["passed"],
+            "failures": parity["failures"],
+        },
+        "precision": args.precision,
+        "tensorrt": {},
+        "node_engine_cache": None,
+        "node_parameters": {"model.path": str((out / MODEL_NAME).resolve()), "cache_dir": str(out.resolve())},
+    }
+    if args.tensorrt:
+        try:
+            info["tensorrt"] = _build_engines(export, out, args.precision, calibration, args.workspace_mb)
+            for graph, e in info["tensorrt"].items():
+                print(f"TensorRT {e['precision']} engine of {graph}: {e['file']} ({e['bytes'] / 1e6:.1f} MB)")
+        except (BackendError, ExportError) as e:
+            print(f"apr-export: error: TensorRT build failed: {e}", file=sys.stderr)
+            status = 1
+        if torch.cuda.is_available() and status == 0:
+            try:
+                info["node_engine_cache"] = _prebuild_node_cache(bundle, out, args.precision, calibration)
+                print(f"TensorRT engines for this GPU cached in {info['node_engine_cache']}")
+            except (BackendError, RuntimeError) as e:  # the node then builds its engines on first start
+                log.warning("could not prebuild the node's TensorRT engine cache: %s", e)
+    (out / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    (out / "README.md").write_text(_readme(info), encoding="utf-8")
+    print(f"apr-export: wrote {out / MODEL_NAME}, {info['onnx']['dir']}/ and {out / EXPORT_INFO} (see README.md)")
+    return status
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,16 @@
+"""Training loops: MS-Transformer, pose auto-encoder, iAPR, PoseNet and the PAE image decoder (``apr-train``).
+
+:mod:`.config` holds the typed configuration, :mod:`.common` the shared loop (AMP, DDP, resume, metrics), one module
+per trainer, and :mod:`.cli` the command line (``main(argv) -> int``).
+"""
+
+from __future__ import annotations
+
+__all__ = ["main"]
+
+
+def main(argv=None) -> int:
+    """Run ``apr-train`` with ``argv`` (see :func:`apr_training.train.cli.main`)."""
+    from .cli import main as _main
+
+    return _main(argv)

@@ -481,6 +481,8 @@ class TrainResult:
 
 def _to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, torch.Tensor):
+        if batch.dim() == 4 and batch.is_floating_point():  # images: match the channels_last model
+            return batch.to(device, non_blocking=True, memory_format=torch.channels_last)
         return batch.to(device, non_blocking=True)
     if isinstance(batch, dict):
         return {k: _to_device(v, device) for k, v in batch.items()}
@@ -588,6 +590,9 @@ class Trainer:
         task, cfg, ctx = self.task, self.cfg, self.ctx
         run, optim_cfg = cfg.run, cfg.optim
         module = task.module
+        # channels_last: oneDNN's convolution backward is several times faster and far more stable in this layout
+        # (measured on the 2-core CPU: 2.3 s vs 2.5-15 s per batch of 8); cuDNN prefers it too.
+        module.to(memory_format=torch.channels_last)
         train_module: nn.Module = module
         if ctx.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel

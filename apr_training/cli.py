@@ -40,8 +40,15 @@ def export_main(argv: Sequence[str] | None = None) -> int:
 
 
 def bench_main(argv: Sequence[str] | None = None) -> int:
-    """``apr-bench``: per-stage latency, throughput and memory for every available backend."""
-    return _run("bench", argv)
+    """``apr-bench``: per-stage latency, throughput and memory for every available backend.
+
+    ``apr-bench node ...`` runs the end-to-end node benchmark (publisher → node → subscriber) instead.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["node"]:
+        _COMMANDS["bench_node"] = ("apr_training.node_bench", "main")
+        return _run("bench_node", args[1:])
+    return _run("bench", args)
 
 
 def synth_main(argv: Sequence[str] | None = None) -> int:

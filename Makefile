@@ -7,7 +7,7 @@ VENV ?= .venv
 PYTEST_ARGS ?=
 export VENV
 
-.PHONY: help venv tf2_msgs lint test clean
+.PHONY: help venv tf2_msgs lint test demo clean
 
 help: ## Show this help.
 	@echo "apr_localizer make targets:"
@@ -27,6 +27,9 @@ test: venv ## ruff check, then pytest with the ROS test environment (scripts/run
 	$(VENV)/bin/ruff check .
 	scripts/run_tests.sh $(PYTEST_ARGS)
 
+demo: ## Render a synthetic test bag, run the node live on it with the bundled model, print accuracy/latency.
+	@scripts/demo.sh
+
 clean: ## Remove the venv and build/test caches.
-	rm -rf -- "$(VENV)" build install log .pytest_cache .ruff_cache .hypothesis
+	rm -rf -- "$(VENV)" build install log .pytest_cache .ruff_cache .hypothesis demo_out
 	find . -path ./.git -prune -o \( -name __pycache__ -o -name '*.egg-info' \) -type d -prune -exec rm -rf -- {} +

@@ -24,7 +24,7 @@ from apr_localizer import geometry
 from .render import Intrinsics, render_frame
 from .scenes import make_scene, vary_lighting
 
-__all__ = ["TrajectoryConfig", "look_rotation", "make_trajectory", "write_label_dataset"]
+__all__ = ["TrajectoryConfig", "look_rotation", "make_trajectory", "write_label_dataset", "write_trajectory_bag"]
 
 LABEL_COLUMNS = ["scene", "split", "seq", "img_path", "t1", "t2", "t3", "q1", "q2", "q3", "q4"]
 
@@ -216,12 +216,100 @@ def write_label_dataset(
     return info
 
 
+def write_trajectory_bag(
+    out: str | Path,
+    scene_name: str,
+    seq: str = "seq-04",
+    frames: int = 150,
+    width: int = 640,
+    height: int = 480,
+    fps: float = 15.0,
+    seed: int = 0,
+    storage: str = "sqlite3",
+    step_m: float = 0.06,
+    camera_frame: str = "camera_optical",
+    image_topic: str = "/camera/image_raw",
+    workers: int | None = None,
+) -> dict:
+    """Render one trajectory of ``scene_name`` into a ROS 2 bag (rosbags, Kilted type store).
+
+    Topics: ``image_topic`` (sensor_msgs/Image rgb8), ``<ns>/camera_info``, ``/ground_truth/pose`` (PoseStamped in
+    ``map``) and ``/tf`` (map → ``camera_frame``), all with the same stamps. With the dataset's ``seed`` and a test
+    ``seq`` name the poses equal those of that dataset sequence (rendered at this size). Returns a description.
+    """
+    from rosbags.rosbag2 import StoragePlugin, Writer
+    from rosbags.typesys import Stores, get_typestore
+
+    ts = get_typestore(Stores.ROS2_KILTED)
+    T = ts.types
+    out = Path(out)
+    scene = make_scene(scene_name, seed)
+    poses = make_trajectory(scene, _seed(scene_name, seq, seed), TrajectoryConfig(frames=frames, step_m=step_m))
+    k = default_intrinsics(width, height)
+    tmp = out.parent / (out.name + ".frames")
+    tmp.mkdir(parents=True, exist_ok=True)
+    jobs = [(scene_name, seed, p, _seed(scene_name, seq, i, seed), str(tmp / f"{i:06d}.png"), width, height, k)
+            for i, p in enumerate(poses)]
+    from tqdm import tqdm
+
+    with Pool(workers or os.cpu_count() or 1) as pool:
+        for _ in tqdm(pool.imap(_render_job, jobs, chunksize=4), total=len(jobs), desc="rendering bag", unit="frame"):
+            pass
+    from PIL import Image as PILImage
+
+    ns = image_topic.rsplit("/", 1)[0] or ""
+    t0 = 1_700_000_000 * 10**9
+    plugin = StoragePlugin.MCAP if storage == "mcap" else StoragePlugin.SQLITE3
+    with Writer(out, version=9, storage_plugin=plugin) as w:
+        c_img = w.add_connection(image_topic, "sensor_msgs/msg/Image", typestore=ts)
+        c_info = w.add_connection(f"{ns}/camera_info", "sensor_msgs/msg/CameraInfo", typestore=ts)
+        c_gt = w.add_connection("/ground_truth/pose", "geometry_msgs/msg/PoseStamped", typestore=ts)
+        c_tf = w.add_connection("/tf", "tf2_msgs/msg/TFMessage", typestore=ts)
+        for i, pose in enumerate(poses):
+            t = t0 + int(round(i * 1e9 / fps))
+            stamp = T["builtin_interfaces/msg/Time"](sec=t // 10**9, nanosec=t % 10**9)
+            rgb = np.asarray(PILImage.open(tmp / f"{i:06d}.png").convert("RGB"))
+            hdr = T["std_msgs/msg/Header"](stamp=stamp, frame_id=camera_frame)
+            img = T["sensor_msgs/msg/Image"](header=hdr, height=height, width=width, encoding="rgb8", is_bigendian=0,
+                                              step=3 * width, data=rgb.reshape(-1))
+            fx, fy, cx, cy = k
+            info = T["sensor_msgs/msg/CameraInfo"](
+                header=hdr, height=height, width=width, distortion_model="plumb_bob", d=np.zeros(5),
+                k=np.array([fx, 0, cx, 0, fy, cy, 0, 0, 1.0]), r=np.eye(3).reshape(-1),
+                p=np.array([fx, 0, cx, 0, 0, fy, cy, 0, 0, 0, 1.0, 0]), binning_x=0, binning_y=0,
+                roi=T["sensor_msgs/msg/RegionOfInterest"](x_offset=0, y_offset=0, height=0, width=0,
+                                                          do_rectify=False))
+            x, y, z, w_ = geometry.quat_to_ros(pose[3:])
+            position = T["geometry_msgs/msg/Point"](x=pose[0], y=pose[1], z=pose[2])
+            orientation = T["geometry_msgs/msg/Quaternion"](x=x, y=y, z=z, w=w_)
+            map_hdr = T["std_msgs/msg/Header"](stamp=stamp, frame_id="map")
+            gt = T["geometry_msgs/msg/PoseStamped"](header=map_hdr, pose=T["geometry_msgs/msg/Pose"](
+                position=position, orientation=orientation))
+            tf = T["tf2_msgs/msg/TFMessage"](transforms=[T["geometry_msgs/msg/TransformStamped"](
+                header=map_hdr, child_frame_id=camera_frame, transform=T["geometry_msgs/msg/Transform"](
+                    translation=T["geometry_msgs/msg/Vector3"](x=pose[0], y=pose[1], z=pose[2]),
+                    rotation=orientation))])
+            w.write(c_img, t, ts.serialize_cdr(img, "sensor_msgs/msg/Image"))
+            w.write(c_info, t, ts.serialize_cdr(info, "sensor_msgs/msg/CameraInfo"))
+            w.write(c_gt, t, ts.serialize_cdr(gt, "geometry_msgs/msg/PoseStamped"))
+            w.write(c_tf, t, ts.serialize_cdr(tf, "tf2_msgs/msg/TFMessage"))
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    return {"bag": str(out), "scene": scene_name, "seq": seq, "frames": frames, "fps": fps, "size": [width, height],
+            "topics": [image_topic, f"{ns}/camera_info", "/ground_truth/pose", "/tf"]}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m apr_training.datasets.synthetic.handheld OUT --scenes a,b``: render a label-CSV dataset."""
     import argparse
 
     p = argparse.ArgumentParser(description=write_label_dataset.__doc__, prog="handheld")
-    p.add_argument("out", help="output dataset root")
+    p.add_argument("out", help="output dataset root (with --bag: the bag directory to create)")
+    p.add_argument("--bag", metavar="SCENE", help="render one trajectory of SCENE into a ROS 2 bag instead")
+    p.add_argument("--seq", default="seq-04", help="--bag: sequence name (the dataset's test sequence by default)")
+    p.add_argument("--fps", type=float, default=15.0, help="--bag: frame rate of the stamps")
+    p.add_argument("--storage", choices=("sqlite3", "mcap"), default="sqlite3", help="--bag: rosbag2 storage")
     p.add_argument("--scenes", default="office,kitchen,library,warehouse", help="comma list of synthetic scenes")
     p.add_argument("--train-seqs", type=int, default=3)
     p.add_argument("--test-seqs", type=int, default=1)
@@ -232,6 +320,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=0, help="render processes (0 = all cores)")
     a = p.parse_args(argv)
+    if a.bag:
+        info = write_trajectory_bag(a.out, a.bag, a.seq, a.frames, a.width, a.height, a.fps, a.seed, a.storage,
+                                    a.step, workers=a.workers or None)
+        print(json.dumps(info))
+        return 0
     info = write_label_dataset(a.out, a.scenes.split(","), a.train_seqs, a.test_seqs, a.frames, a.width, a.height,
                                a.seed, a.workers or None, a.step)
     print(json.dumps(info["frames"]))

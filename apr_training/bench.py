@@ -181,16 +181,19 @@ def count_apr_flops(bundle: ModelBundle, size: int = 224) -> float:
 
 
 def profile_torch_apr(bundle: ModelBundle, top: int = 12) -> list[dict[str, Any]]:
-    """Top operators of the torch APR forward on the CPU by self time."""
+    """Top operators of the torch backend's APR forward on the CPU by self time."""
     from torch.profiler import ProfilerActivity, profile
 
-    x = torch.zeros(1, 3, 224, 224)
+    from apr_localizer.backends.torch_backend import TorchBackend
+
+    apr = TorchBackend(bundle, BackendOptions(device="cpu")).apr  # what the torch backend runs: BN folded etc.
+    x = torch.zeros(1, 3, 224, 224).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         for _ in range(2):
-            bundle.apr(x)
+            apr(x)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(3):
-                bundle.apr(x)
+                apr(x)
     rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
     total = sum(e.self_cpu_time_total for e in prof.key_averages()) or 1.0
     return [

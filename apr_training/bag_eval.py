@@ -79,6 +79,7 @@ import numpy as np
 from apr_localizer import geometry
 
 from . import metrics
+from .evaluate import method_key, method_name
 
 __all__ = [
     "BagEvalError",
@@ -378,16 +379,6 @@ def iter_images(
 
 
 # =============================================================================================== offline
-def method_name(k: int) -> str:
-    """Display name of the estimate after ``k`` refinement iterations (as in ``apr-eval``)."""
-    return "MS-Transformer" if k == 0 else f"iAPR ({k} it.)"
-
-
-def method_key(k: int) -> str:
-    """Short key of the estimate after ``k`` iterations: ``apr``, ``iapr1``, ..."""
-    return "apr" if k == 0 else f"iapr{k}"
-
-
 @dataclass
 class BagRun:
     """Per-frame results of :func:`run_offline` on ``N`` matched frames with ``K`` refinement iterations.

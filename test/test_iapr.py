@@ -26,8 +26,9 @@ def _naive_loop(apr, iapr, images, iterations):
     for _ in range(iterations):
         neighbour = torch.cat([pose[:, :3], pose[:, 3:] / pose[:, 3:].norm(dim=1, keepdim=True)], dim=1)
         rel = iapr(images, scene, neighbour)["rel_pose"]  # recomputes the image latents
-        rel_np = rel.double().numpy()
-        pose = torch.from_numpy(g.iapr_update(neighbour.double().numpy(), rel_np)).float()
+        # the same float32 update as the cached loop, so that only the caching differs (the update itself is
+        # checked against the float64 numpy geometry in test_torch_update_matches_numpy_geometry)
+        pose = g.iapr_update_torch(neighbour, rel)
         poses.append(pose)
     return pose, torch.stack(poses)
 

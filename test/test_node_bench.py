@@ -82,8 +82,10 @@ def test_short_node_bench_writes_every_field(tmp_path, reference_dir, ros_env):
         assert p["published"] == round(p["rate_hz"] * p["duration_s"])
         assert 0 < p["received"] <= p["published"]
         assert p["node_frames_received"] <= p["published"]
-        # every frame sent either produced a pose or was dropped by the node (or is still in the DDS history)
-        assert p["published"] - p["received"] <= p["dropped_frames"] + 2
+        # every frame sent either produced a pose or was dropped by the node, or is one of the last samples the
+        # publisher's DDS history (depth 10) still held when the phase ended: a loss there has no later frame
+        # whose sequence number could reveal it to the node
+        assert p["published"] - p["received"] <= p["dropped_frames"] + 10
         e = p["end_to_end_ms"]
         assert e["n"] == p["received"] and 0 < e["median"] <= e["p90"] <= e["p99"] <= e["max"]
         assert p["node_inference_ms_p50"] > 0 and p["overhead_ms_median"] is not None

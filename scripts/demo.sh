@@ -14,7 +14,7 @@ source scripts/common.sh
 OUT="${DEMO_OUT:-demo_out}"
 MODEL="${DEMO_MODEL:-models/demo/apr_demo.safetensors}"
 SCENE="${DEMO_SCENE:-office}"
-FRAMES="${DEMO_FRAMES:-150}"
+FRAMES="${DEMO_FRAMES:-250}"
 BACKEND="${DEMO_BACKEND:-auto}"
 START=$(date +%s)
 

@@ -234,8 +234,9 @@ def write_trajectory_bag(
     """Render one trajectory of ``scene_name`` into a ROS 2 bag (rosbags, Kilted type store).
 
     Topics: ``image_topic`` (sensor_msgs/Image rgb8), ``<ns>/camera_info``, ``/ground_truth/pose`` (PoseStamped in
-    ``map``) and ``/tf`` (map → ``camera_frame``), all with the same stamps. With the dataset's ``seed`` and a test
-    ``seq`` name the poses equal those of that dataset sequence (rendered at this size). Returns a description.
+    ``map``) and ``/tf`` (map → ``camera_frame``), all with the same stamps. With the dataset's ``seed``, a test
+    ``seq`` name and the dataset's ``frames`` and ``step_m``, the poses equal those of that dataset sequence (rendered
+    at this size); another ``frames`` gives another trajectory through the same room. Returns a description.
     """
     from rosbags.rosbag2 import StoragePlugin, Writer
     from rosbags.typesys import Stores, get_typestore

@@ -26,10 +26,10 @@ mkdir -p "$W"
   --teacher "$W/ms/best.safetensors" "${IMG[@]}" --epochs 12 --device "$DEVICE" --no-progress --overwrite
 "$BIN/apr-train" iapr --config synthetic --data "$W/synth" --labels "$W/synth/train.csv" --out "$W/iapr" \
   --teacher "$W/ms/best.safetensors" --pae "$W/pae/best.safetensors" "${IMG[@]}" \
-  --set data.pair_max_distance_m=1.5 --set data.pair_max_angle_deg=40 --epochs 2 --max-steps "${IAPR_STEPS:-1500}" \
+  --set data.pair_max_distance_m=1.5 --set data.pair_max_angle_deg=40 --epochs 2 --max-steps "${IAPR_STEPS:-1000}" \
   --device "$DEVICE" --no-progress --overwrite
 
 "$PY" -m apr_training.package_model "$W/iapr/best.safetensors" models/demo/apr_demo.safetensors --fp16 \
   --command "scripts/train_demo_model.sh $W"
 "$BIN/apr-eval" --model models/demo/apr_demo.safetensors --data "$W/synth" --labels "$W/synth/test.csv" \
-  --iterations 3 --out "$W/eval" --no-plots
+  --iterations 3 --stride 2 --out "$W/eval" --no-plots

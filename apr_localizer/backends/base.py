@@ -33,6 +33,7 @@ __all__ = [
     "Backend",
     "BackendError",
     "BackendOptions",
+    "GraphBackend",
     "create_backend",
     "resolve_device",
 ]
@@ -122,6 +123,39 @@ class Backend(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release engine resources."""
+
+
+class GraphBackend(Backend):
+    """A backend whose graphs are objects with ``run(**named_inputs) -> dict[name, tensor]`` (ONNX Runtime, TensorRT).
+
+    Subclasses fill ``self.graphs`` with ``"apr"``, optionally ``"encoder"`` (own iAPR encoder) and ``"refine"``.
+    """
+
+    graphs: dict
+
+    @torch.inference_mode()
+    def run_apr(self, image: torch.Tensor, scene_override: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        if scene_override is None:
+            scene_override = torch.full((image.shape[0],), -1, dtype=torch.int64, device=image.device)
+        out = self.graphs["apr"].run(image=image, scene_override=scene_override.reshape(-1))
+        return {k: out[k] for k in APR_OUTPUTS}
+
+    @torch.inference_mode()
+    def run_encoder(self, image: torch.Tensor, scene: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.has_refiner:
+            raise BackendError("this model has no iAPR refiner")
+        graph = self.graphs.get("encoder", self.graphs["apr"])  # a shared encoder is the APR graph itself
+        out = graph.run(image=image, scene_override=scene.reshape(-1))
+        return out["latent_t"], out["latent_rot"]
+
+    @torch.inference_mode()
+    def run_refine(
+        self, latent_t: torch.Tensor, latent_rot: torch.Tensor, pose: torch.Tensor, scene: torch.Tensor
+    ) -> torch.Tensor:
+        if "refine" not in self.graphs:
+            raise BackendError("this model has no iAPR refiner")
+        out = self.graphs["refine"].run(latent_t=latent_t, latent_rot=latent_rot, pose=pose, scene=scene.reshape(-1))
+        return out["refined_pose"]
 
 
 def resolve_device(device: str) -> str:

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from ..checkpoints import ModelBundle
-from .base import APR_OUTPUTS, Backend, BackendError, BackendOptions
+from .base import BackendError, BackendOptions, GraphBackend
 from .engine_cache import EngineCache, EngineKey, cached_onnx_export
 
 __all__ = ["DEFAULT_WORKSPACE_MB", "CudaDevice", "TensorRTBackend", "cuda_device", "prebuild_engines", "rtx_supports"]
@@ -158,7 +158,7 @@ def _interface_dtype(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-class TensorRTBackend(Backend):
+class TensorRTBackend(GraphBackend):
     """TensorRT engines (fp32 / fp16 / int8) on one CUDA device; ``module`` overrides the TensorRT module used."""
 
     name = "tensorrt"
@@ -232,32 +232,6 @@ class TensorRTBackend(Backend):
             self.cuda.capability_str,
             precision,
         )
-
-    def _full(self, image: torch.Tensor, value: int = -1) -> torch.Tensor:
-        return torch.full((image.shape[0],), value, dtype=torch.int64, device=self.device)
-
-    @torch.inference_mode()
-    def run_apr(self, image: torch.Tensor, scene_override: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        scene_override = self._full(image) if scene_override is None else scene_override.reshape(-1)
-        out = self.graphs["apr"].run(image=image, scene_override=scene_override)
-        return {k: out[k] for k in APR_OUTPUTS}
-
-    @torch.inference_mode()
-    def run_encoder(self, image: torch.Tensor, scene: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.has_refiner:
-            raise BackendError("this model has no iAPR refiner")
-        graph = self.graphs.get("encoder", self.graphs["apr"])  # a shared encoder is the APR graph itself
-        out = graph.run(image=image, scene_override=scene.reshape(-1))
-        return out["latent_t"], out["latent_rot"]
-
-    @torch.inference_mode()
-    def run_refine(
-        self, latent_t: torch.Tensor, latent_rot: torch.Tensor, pose: torch.Tensor, scene: torch.Tensor
-    ) -> torch.Tensor:
-        if "refine" not in self.graphs:
-            raise BackendError("this model has no iAPR refiner")
-        out = self.graphs["refine"].run(latent_t=latent_t, latent_rot=latent_rot, pose=pose, scene=scene.reshape(-1))
-        return out["refined_pose"]
 
     def describe(self) -> dict[str, str]:
         return {

@@ -38,6 +38,7 @@ __all__ = [
     "load_bundle",
     "load_model",
     "load_official_checkpoint",
+    "read_json_metadata",
     "read_metadata",
     "save_model",
     "save_official_checkpoint",
@@ -419,24 +420,34 @@ def save_model(
     return path
 
 
-def read_metadata(path: str | Path) -> dict[str, Any]:
-    """Read the JSON metadata of one of our model files (cheap: reads only the header)."""
+def read_json_metadata(path: str | Path, key: str, what: str = "model") -> dict[str, Any] | None:
+    """Return the JSON document stored under ``key`` in a safetensors header (None when there is none).
+
+    Reads only the header. A missing or unreadable file, or invalid JSON, raises :class:`CheckpointError`.
+    """
     from safetensors import safe_open
 
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: no such model file")
+        raise CheckpointError(f"{path}: no such {what} file")
     try:
         with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get(METADATA_KEY)
+            raw = (f.metadata() or {}).get(key)
     except Exception as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({str(e)[:120]})") from None
     if raw is None:
-        raise CheckpointError(f"{path}: safetensors file without apr_localizer metadata (not written by save_model)")
+        return None
     try:
-        meta = json.loads(raw)
+        return json.loads(raw)
     except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: corrupt apr_localizer metadata ({e})") from None
+        raise CheckpointError(f"{path}: corrupt {key} metadata ({e})") from None
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """Read the JSON metadata of one of our model files (cheap: reads only the header)."""
+    meta = read_json_metadata(path, METADATA_KEY)
+    if meta is None:
+        raise CheckpointError(f"{path}: safetensors file without apr_localizer metadata (not written by save_model)")
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise CheckpointError(
             f"{path}: model format version {meta.get('format_version')} is newer than this apr_localizer supports "

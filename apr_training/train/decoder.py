@@ -91,22 +91,14 @@ def save_decoder(path: str | Path, decoder: ImageDecoder, pae: PoseAutoEncoder, 
 
 def load_decoder(path: str | Path) -> DecoderBundle:
     """Load a file written by :func:`save_decoder` (eval mode)."""
-    from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from apr_localizer.checkpoints import CheckpointError
+    from apr_localizer.checkpoints import CheckpointError, read_json_metadata
 
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such decoder file")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get(METADATA_KEY)
-    except Exception as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({str(e)[:120]})") from None
-    if raw is None:
+    meta = read_json_metadata(path, METADATA_KEY, "decoder")
+    if meta is None:
         raise CheckpointError(f"{path}: not an image decoder file (no {METADATA_KEY} metadata)")
-    meta = json.loads(raw)
     tensors = load_file(str(path))
     decoder = ImageDecoder(**meta["config"])
     pae = PoseAutoEncoder(PAEConfig.from_dict(meta["pae"]))

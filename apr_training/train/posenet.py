@@ -161,14 +161,12 @@ def save_posenet(
 
 
 def _read_meta(path: Path) -> dict[str, Any] | None:
-    from safetensors import safe_open
+    from apr_localizer.checkpoints import CheckpointError, read_json_metadata
 
     try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get(METADATA_KEY)
-    except Exception:
+        return read_json_metadata(path, METADATA_KEY, "PoseNet")
+    except CheckpointError:
         return None
-    return json.loads(raw) if raw else None
 
 
 def is_posenet_file(path: str | Path) -> bool:

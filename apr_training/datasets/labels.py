@@ -239,7 +239,7 @@ def read_labels(
                 if name in ("scene", "img_path") and not value:
                     raise LabelError(f"{where}: column {name!r} is empty")
                 cols[name].append(value)
-            poses.append(_parse_pose(fields[4:], LABEL_COLUMNS[4:], where))
+            poses.append(parse_pose_fields(fields[4:], LABEL_COLUMNS[4:], where))
     scenes, ids = resolve_scene_ids(cols["scene"], scene_names, source=path)
     root = Path(dataset_root) if dataset_root is not None else path.parent
     pose = np.asarray(poses, dtype=np.float64).reshape(-1, 7)
@@ -287,7 +287,7 @@ def validate_images(table: LabelTable, root: str | Path | None = None) -> list[P
 
 
 # --------------------------------------------------------------------------------------------- helpers
-def _parse_pose(values: Sequence[str], names: Sequence[str], where: str) -> list[float]:
+def parse_pose_fields(values: Sequence[str], names: Sequence[str], where: str) -> list[float]:
     """Parse 7 pose strings (``t``, then w-first ``q``); raise :class:`LabelError` on bad or zero-quaternion input."""
     out: list[float] = []
     for name, text in zip(names, values):

@@ -25,7 +25,7 @@ import numpy as np
 
 from apr_localizer.geometry import quat_normalize, relative_pose, rotation_error_deg
 
-from .labels import LabelError, LabelTable, read_labels, write_labels
+from .labels import LabelError, LabelTable, parse_pose_fields, read_labels, write_labels
 
 __all__ = [
     "PAIR_COLUMNS",
@@ -188,7 +188,7 @@ def read_pairs(
                 except ValueError:
                     raise LabelError(f"{where}: column {name!r} is {value!r}; expected an integer") from None
             for key, names in (("pose_a", _POSE_A), ("pose_b", _POSE_B), ("rel_ab", _REL)):
-                nums[key].append(_parse_numbers([fields[col[n]] for n in names], names, where))
+                nums[key].append(parse_pose_fields([fields[col[n]] for n in names], names, where))
     table = PairTable(
         text["img_path_a"], text["scene_a"], np.asarray(ids["scene_id_a"], dtype=np.int64),
         np.asarray(nums["pose_a"]).reshape(-1, 7), text["img_path_b"], text["scene_b"],
@@ -425,19 +425,6 @@ def write_subsets(
 
 
 # --------------------------------------------------------------------------------------------- helpers
-def _parse_numbers(values: Sequence[str], names: Sequence[str], where: str) -> list[float]:
-    out: list[float] = []
-    for name, text in zip(names, values):
-        try:
-            v = float(text)
-        except ValueError:
-            raise LabelError(f"{where}: column {name!r} is {text.strip()!r}; expected a number") from None
-        if not math.isfinite(v):
-            raise LabelError(f"{where}: column {name!r} is {text.strip()!r}; expected a finite number")
-        out.append(v)
-    if math.fsum(v * v for v in out[3:7]) < 1e-12:
-        raise LabelError(f"{where}: the quaternion {names[3]}..{names[6]} is zero; expected a rotation")
-    return out
 
 
 def _remap_scene_ids(table: PairTable, scene_names: Sequence[str], path: Path) -> None:

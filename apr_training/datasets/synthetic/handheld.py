@@ -238,11 +238,11 @@ def write_trajectory_bag(
     ``seq`` name and the dataset's ``frames`` and ``step_m``, the poses equal those of that dataset sequence (rendered
     at this size); another ``frames`` gives another trajectory through the same room. Returns a description.
     """
-    from rosbags.rosbag2 import StoragePlugin, Writer
-    from rosbags.typesys import Stores, get_typestore
+    from PIL import Image as PILImage
+    from tqdm import tqdm
 
-    ts = get_typestore(Stores.ROS2_KILTED)
-    T = ts.types
+    from ..bagio import BagFrame, write_bag
+
     out = Path(out)
     scene = make_scene(scene_name, seed)
     poses = make_trajectory(scene, _seed(scene_name, seq, seed), TrajectoryConfig(frames=frames, step_m=step_m))
@@ -251,49 +251,17 @@ def write_trajectory_bag(
     tmp.mkdir(parents=True, exist_ok=True)
     jobs = [(scene_name, seed, p, _seed(scene_name, seq, i, seed), str(tmp / f"{i:06d}.png"), width, height, k)
             for i, p in enumerate(poses)]
-    from tqdm import tqdm
-
     with Pool(workers or os.cpu_count() or 1) as pool:
         for _ in tqdm(pool.imap(_render_job, jobs, chunksize=4), total=len(jobs), desc="rendering bag", unit="frame"):
             pass
-    from PIL import Image as PILImage
-
-    ns = image_topic.rsplit("/", 1)[0] or ""
     t0 = 1_700_000_000 * 10**9
-    plugin = StoragePlugin.MCAP if storage == "mcap" else StoragePlugin.SQLITE3
-    with Writer(out, version=9, storage_plugin=plugin) as w:
-        c_img = w.add_connection(image_topic, "sensor_msgs/msg/Image", typestore=ts)
-        c_info = w.add_connection(f"{ns}/camera_info", "sensor_msgs/msg/CameraInfo", typestore=ts)
-        c_gt = w.add_connection("/ground_truth/pose", "geometry_msgs/msg/PoseStamped", typestore=ts)
-        c_tf = w.add_connection("/tf", "tf2_msgs/msg/TFMessage", typestore=ts)
-        for i, pose in enumerate(poses):
-            t = t0 + int(round(i * 1e9 / fps))
-            stamp = T["builtin_interfaces/msg/Time"](sec=t // 10**9, nanosec=t % 10**9)
-            rgb = np.asarray(PILImage.open(tmp / f"{i:06d}.png").convert("RGB"))
-            hdr = T["std_msgs/msg/Header"](stamp=stamp, frame_id=camera_frame)
-            img = T["sensor_msgs/msg/Image"](header=hdr, height=height, width=width, encoding="rgb8", is_bigendian=0,
-                                              step=3 * width, data=rgb.reshape(-1))
-            fx, fy, cx, cy = k
-            info = T["sensor_msgs/msg/CameraInfo"](
-                header=hdr, height=height, width=width, distortion_model="plumb_bob", d=np.zeros(5),
-                k=np.array([fx, 0, cx, 0, fy, cy, 0, 0, 1.0]), r=np.eye(3).reshape(-1),
-                p=np.array([fx, 0, cx, 0, 0, fy, cy, 0, 0, 0, 1.0, 0]), binning_x=0, binning_y=0,
-                roi=T["sensor_msgs/msg/RegionOfInterest"](x_offset=0, y_offset=0, height=0, width=0,
-                                                          do_rectify=False))
-            x, y, z, w_ = geometry.quat_to_ros(pose[3:])
-            position = T["geometry_msgs/msg/Point"](x=pose[0], y=pose[1], z=pose[2])
-            orientation = T["geometry_msgs/msg/Quaternion"](x=x, y=y, z=z, w=w_)
-            map_hdr = T["std_msgs/msg/Header"](stamp=stamp, frame_id="map")
-            gt = T["geometry_msgs/msg/PoseStamped"](header=map_hdr, pose=T["geometry_msgs/msg/Pose"](
-                position=position, orientation=orientation))
-            tf = T["tf2_msgs/msg/TFMessage"](transforms=[T["geometry_msgs/msg/TransformStamped"](
-                header=map_hdr, child_frame_id=camera_frame, transform=T["geometry_msgs/msg/Transform"](
-                    translation=T["geometry_msgs/msg/Vector3"](x=pose[0], y=pose[1], z=pose[2]),
-                    rotation=orientation))])
-            w.write(c_img, t, ts.serialize_cdr(img, "sensor_msgs/msg/Image"))
-            w.write(c_info, t, ts.serialize_cdr(info, "sensor_msgs/msg/CameraInfo"))
-            w.write(c_gt, t, ts.serialize_cdr(gt, "geometry_msgs/msg/PoseStamped"))
-            w.write(c_tf, t, ts.serialize_cdr(tf, "tf2_msgs/msg/TFMessage"))
+    bag_frames = (
+        BagFrame(t0 + int(round(i * 1e9 / fps)), np.asarray(PILImage.open(tmp / f"{i:06d}.png").convert("RGB")), pose)
+        for i, pose in enumerate(poses)
+    )
+    ns = image_topic.rsplit("/", 1)[0] or ""
+    write_bag(out, bag_frames, storage, image_topic, camera_info_topic=f"{ns}/camera_info",
+              intrinsics=Intrinsics(*k), pose_topic="/ground_truth/pose", tf="camera", camera_frame=camera_frame)
     import shutil
 
     shutil.rmtree(tmp, ignore_errors=True)

@@ -79,7 +79,7 @@ import numpy as np
 from apr_localizer import geometry
 
 from . import metrics
-from .evaluate import method_key, method_name
+from .evaluate import method_columns, method_name
 
 __all__ = [
     "BagEvalError",
@@ -579,27 +579,15 @@ def _write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> Path:
 
 def write_offline_frames_csv(path: Path, run: BagRun) -> Path:
     """``frames.csv``: per frame the stamps, ground truth, every method's estimate and errors, scene and timings."""
-    K = run.iterations
+    comps, suffix = method_columns(run, "decode")
     header = ["frame", "stamp_ns", "stamp_s", "gt_offset_ms", "pred_scene", "confidence", *(f"gt_{c}" for c in _COMPS)]
-    errs = []
-    for k in range(K + 1):
-        key = method_key(k)
-        header += [f"{key}_{c}" for c in _COMPS] + [f"{key}_pos_err_m", f"{key}_rot_err_deg"]
-        errs.append(metrics.frame_errors(run.poses[k], run.gt)[:2])
-    stages = ["decode", "preprocess", "apr"] + (["encoder"] if K and run.timings["encoder"].any() else [])
-    stages += [f"step{k}" for k in range(1, K + 1)]
-    header += [f"{s}_ms" for s in stages] + [f"{method_key(k)}_total_ms" for k in range(K + 1)]
-    totals = [run.latency(k)["total"] for k in range(K + 1)]
     pred = run.pred_scene_names
     rows = []
     for i in range(len(run)):
         row: list[Any] = [int(run.frame_index[i]), int(run.stamps_ns[i]), f"{run.stamps_ns[i] * 1e-9:.9f}"]
         row += [_fmt(run.gt_offset_ms[i]), pred[i], _fmt(run.confidence[i]), *(_fmt(v) for v in run.gt[i])]
-        for k in range(K + 1):
-            row += [_fmt(v) for v in run.poses[k, i]] + [_fmt(errs[k][0][i]), _fmt(errs[k][1][i])]
-        row += [_fmt(run.timings[s][i]) for s in stages] + [_fmt(t[i]) for t in totals]
-        rows.append(row)
-    return _write_csv(path, header, rows)
+        rows.append(row + suffix(i))
+    return _write_csv(path, header + comps, rows)
 
 
 def _plots(

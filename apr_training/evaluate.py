@@ -233,6 +233,37 @@ def _fmt(v: float) -> str:
     return "nan" if not np.isfinite(v) else f"{v:.9g}"
 
 
+POSE_COMPONENTS = ("x", "y", "z", "qw", "qx", "qy", "qz")
+
+
+def method_columns(run: Any, first_stage: str) -> tuple[list[str], Any]:
+    """Build the per-frame CSV columns shared by ``apr-eval`` and ``apr-eval-bag``.
+
+    Columns: every method's estimate and errors, the stage times (``first_stage`` is ``load`` or ``decode``) and
+    each method's total. Returns ``(header, row(i) -> list[str])`` for a run with ``iterations``,
+    ``poses (K+1,N,7)``, ``gt``, ``timings`` and ``latency(k)``.
+    """
+    K = run.iterations
+    header: list[str] = []
+    errs = []
+    for k in range(K + 1):
+        key = method_key(k)
+        header += [f"{key}_{c}" for c in POSE_COMPONENTS] + [f"{key}_pos_err_m", f"{key}_rot_err_deg"]
+        errs.append(metrics.frame_errors(run.poses[k], run.gt)[:2])
+    stages = [first_stage, "preprocess", "apr"] + (["encoder"] if K and run.timings["encoder"].any() else [])
+    stages += [f"step{k}" for k in range(1, K + 1)]
+    header += [f"{s}_ms" for s in stages] + [f"{method_key(k)}_total_ms" for k in range(K + 1)]
+    totals = [run.latency(k)["total"] for k in range(K + 1)]
+
+    def row(i: int) -> list[str]:
+        out: list[str] = []
+        for k in range(K + 1):
+            out += [_fmt(v) for v in run.poses[k, i]] + [_fmt(errs[k][0][i]), _fmt(errs[k][1][i])]
+        return out + [_fmt(run.timings[s][i]) for s in stages] + [_fmt(t[i]) for t in totals]
+
+    return header, row
+
+
 def write_frames_csv(path: Path, run: EvalRun) -> Path:
     """Per-frame CSV: ground truth, each method's estimate and errors, predicted scene, confidence, timings (ms).
 
@@ -240,31 +271,17 @@ def write_frames_csv(path: Path, run: EvalRun) -> Path:
     per method ``<key>_x..<key>_qz``, ``<key>_pos_err_m``, ``<key>_rot_err_deg`` (keys ``apr``, ``iapr1``, ...);
     stage times ``load_ms``, ``preprocess_ms``, ``apr_ms``, [``encoder_ms``], ``step1_ms``...; ``<key>_total_ms``.
     """
-    K = run.iterations
-    comps = ("x", "y", "z", "qw", "qx", "qy", "qz")
-    header = ["frame", "scene", "seq", "img_path", "pred_scene", "confidence", *(f"gt_{c}" for c in comps)]
-    errs = []
-    for k in range(K + 1):
-        key = method_key(k)
-        header += [f"{key}_{c}" for c in comps] + [f"{key}_pos_err_m", f"{key}_rot_err_deg"]
-        errs.append(metrics.frame_errors(run.poses[k], run.gt)[:2])
-    stages = ["load", "preprocess", "apr"] + (["encoder"] if K and run.timings["encoder"].any() else [])
-    stages += [f"step{k}" for k in range(1, K + 1)]
-    header += [f"{s}_ms" for s in stages] + [f"{method_key(k)}_total_ms" for k in range(K + 1)]
-    totals = [run.latency(k)["total"] for k in range(K + 1)]
+    comps, suffix = method_columns(run, "load")
+    header = ["frame", "scene", "seq", "img_path", "pred_scene", "confidence", *(f"gt_{c}" for c in POSE_COMPONENTS)]
     pred = run.pred_scene_names
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="", encoding="utf-8") as f:
         w = csv.writer(f, lineterminator="\n")
-        w.writerow(header)
+        w.writerow(header + comps)
         t = run.table
         for i in range(len(t)):
             row: list[Any] = [int(run.rows[i]), t.scene[i], t.seq[i], t.img_path[i], pred[i], _fmt(run.confidence[i])]
-            row += [_fmt(v) for v in t.pose[i]]
-            for k in range(K + 1):
-                row += [_fmt(v) for v in run.poses[k, i]] + [_fmt(errs[k][0][i]), _fmt(errs[k][1][i])]
-            row += [_fmt(run.timings[s][i]) for s in stages] + [_fmt(t[i]) for t in totals]
-            w.writerow(row)
+            w.writerow(row + [_fmt(v) for v in t.pose[i]] + suffix(i))
     return path
 
 

@@ -107,12 +107,11 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
 
 def atomic_write_bytes(path: str | Path, data: bytes, *, fsync: bool = True) -> None:
     """Write ``data`` to ``path`` atomically (temporary file, fsync, rename, fsync of the directory)."""
-    with atomic_path(path, fsync=False) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            if fsync:
-                os.fsync(f.fileno())
+    with atomic_path(path, fsync=False) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        if fsync:
+            os.fsync(f.fileno())
     # atomic_path(fsync=False) skipped the directory fsync; do it here when asked.
     if fsync:
         fsync_dir(Path(path).parent)

@@ -10,6 +10,7 @@ import yaml
 
 from apr_localizer import geometry
 from apr_localizer.imaging import decode_compressed, encode_compressed
+from apr_localizer.tf_buffer import TfBuffer
 from apr_training.datasets import bagio
 from apr_training.datasets.synthetic.render import Intrinsics
 from apr_training.datasets.synthetic.writer import render_sequence
@@ -191,7 +192,7 @@ def test_pose_messages_of_every_type():
 def test_tf_chain_composition_static_and_dynamic():
     rng = np.random.default_rng(2)
     m_o, o_b, b_c = _rand_pose(rng), _rand_pose(rng), _rand_pose(rng)
-    buf = bagio.TfBuffer()
+    buf = TfBuffer()
     buf.add_transform("map", "odom", 0, m_o, static=True)
     buf.add_transform("/base_link", "camera", 0, b_c, static=True)  # leading slash ignored
     for t in range(0, 5):
@@ -210,7 +211,7 @@ def test_tf_chain_composition_static_and_dynamic():
 
 
 def test_tf_interpolation_and_tolerance():
-    buf = bagio.TfBuffer()
+    buf = TfBuffer()
     a = np.array([0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0])
     yaw = math.radians(90)
     b = np.array([1.0, 2.0, -1.0, math.cos(yaw / 2), 0.0, 0.0, math.sin(yaw / 2)])
@@ -232,7 +233,7 @@ def test_tf_interpolation_and_tolerance():
 
 
 def test_tf_unknown_and_disconnected_frames():
-    buf = bagio.TfBuffer()
+    buf = TfBuffer()
     buf.add_transform("map", "a", T0, _rand_pose(np.random.default_rng(3)))
     buf.add_transform("world", "b", T0, _rand_pose(np.random.default_rng(4)))
     with pytest.raises(LookupError, match="TF has no frame 'c'; frames are: a, b, map, world"):

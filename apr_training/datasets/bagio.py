@@ -23,7 +23,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from apr_localizer.geometry import pose_compose, pose_inverse, quat_from_ros, quat_normalize, quat_slerp, quat_to_ros
+from apr_localizer.geometry import pose_compose, pose_inverse, quat_from_ros, quat_normalize, quat_to_ros
+from apr_localizer.tf_buffer import TfBuffer
 
 __all__ = [
     "IMAGE_TYPES",
@@ -32,7 +33,6 @@ __all__ = [
     "BagFrame",
     "BagMessage",
     "BagWriter",
-    "TfBuffer",
     "bag_info",
     "header_stamp_ns",
     "image_to_rgb",
@@ -238,161 +238,6 @@ def pose_from_msg(msg: Any, msgtype: str | None = None) -> np.ndarray:
     raise ValueError(
         f"cannot read a pose from a {msgtype or type(msg).__name__} message; expected one of {', '.join(POSE_TYPES)}"
     )
-
-
-# ------------------------------------------------------------------------------------------------ TF buffer
-class _Edge:
-    """Transforms ``parent <- child`` over time (sorted on demand)."""
-
-    def __init__(self, parent: str, static: bool):
-        self.parent = parent
-        self.static = static
-        self._t: list[int] = []
-        self._p: list[np.ndarray] = []
-        self._arrays: tuple[np.ndarray, np.ndarray] | None = None
-
-    def add(self, t_ns: int, pose: np.ndarray) -> None:
-        if self.static:
-            self._t, self._p = [t_ns], [pose]
-        else:
-            self._t.append(t_ns)
-            self._p.append(pose)
-        self._arrays = None
-
-    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        if self._arrays is None:
-            t = np.asarray(self._t, dtype=np.int64)
-            p = np.asarray(self._p, dtype=np.float64).reshape(-1, 7)
-            order = np.argsort(t, kind="stable")
-            t, p = t[order], p[order]
-            keep = np.concatenate([t[1:] != t[:-1], [True]])  # duplicate stamps: the last one wins
-            self._arrays = (t[keep], p[keep])
-        return self._arrays
-
-    def at(self, stamps: np.ndarray, tol_ns: int) -> tuple[np.ndarray, np.ndarray]:
-        """Return poses ``(N, 7)`` at ``stamps`` and a validity mask (the nearest sample is within ``tol_ns``).
-
-        Stamps between two samples are interpolated, stamps just outside the range take the end sample.
-        """
-        t, p = self.arrays()
-        n = len(stamps)
-        if self.static:
-            return np.repeat(p[-1:], n, axis=0), np.ones(n, bool)
-        i = np.searchsorted(t, stamps, side="right")  # t[i-1] <= s < t[i]
-        i0 = np.clip(i - 1, 0, len(t) - 1)
-        i1 = np.clip(i, 0, len(t) - 1)
-        d0 = np.abs(stamps - t[i0])
-        d1 = np.abs(t[i1] - stamps)
-        valid = np.minimum(d0, d1) <= tol_ns
-        span = (t[i1] - t[i0]).astype(np.float64)
-        alpha = np.where(span > 0, (stamps - t[i0]) / np.where(span > 0, span, 1.0), 0.0).clip(0.0, 1.0)
-        trans = p[i0, :3] + alpha[:, None] * (p[i1, :3] - p[i0, :3])
-        rot = quat_slerp(p[i0, 3:], p[i1, 3:], alpha)
-        return np.concatenate([trans, rot], axis=1), valid
-
-
-class TfBuffer:
-    """A minimal TF buffer: the frame tree from ``/tf`` and ``/tf_static``, looked up at arbitrary stamps."""
-
-    def __init__(self) -> None:
-        self._edges: dict[str, _Edge] = {}  # keyed by child frame
-
-    @staticmethod
-    def _clean(frame: str) -> str:
-        return frame.lstrip("/")
-
-    @property
-    def frames(self) -> set[str]:
-        """All frame names (parents and children)."""
-        return set(self._edges) | {e.parent for e in self._edges.values()}
-
-    def add_transform(self, parent: str, child: str, t_ns: int, pose, static: bool = False) -> None:
-        """Record ``parent <- child`` (the child's pose in the parent frame) at ``t_ns``."""
-        parent, child = self._clean(parent), self._clean(child)
-        if parent == child:
-            raise ValueError(f"transform from frame {parent!r} to itself")
-        edge = self._edges.get(child)
-        if edge is None or edge.parent != parent or edge.static != static:
-            edge = self._edges[child] = _Edge(parent, static)
-        edge.add(int(t_ns), np.asarray(pose, dtype=np.float64).reshape(7))
-
-    def add_message(self, msg: Any, static: bool = False) -> None:
-        """Add every ``TransformStamped`` of a ``tf2_msgs/TFMessage``."""
-        for tr in msg.transforms:
-            self.add_transform(
-                tr.header.frame_id,
-                tr.child_frame_id,
-                stamp_to_ns(tr.header.stamp),
-                pose_from_msg(tr, "geometry_msgs/msg/TransformStamped"),
-                static,
-            )
-
-    def _chain(self, frame: str) -> list[str]:
-        chain = [frame]
-        seen = {frame}
-        while chain[-1] in self._edges:
-            parent = self._edges[chain[-1]].parent
-            if parent in seen:
-                raise ValueError(f"TF frames form a loop through {parent!r}")
-            chain.append(parent)
-            seen.add(parent)
-        return chain
-
-    def _to_ancestor(self, chain: list[str], stop: str, stamps: np.ndarray, tol_ns: int):
-        n = len(stamps)
-        pose = np.tile(np.array([0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0]), (n, 1))
-        valid = np.ones(n, bool)
-        for frame in chain:
-            if frame == stop:
-                break
-            p, ok = self._edges[frame].at(stamps, tol_ns)
-            pose = pose_compose(p, pose)  # parent <- frame <- ... <- source
-            valid &= ok
-        return pose, valid
-
-    def lookup(self, target: str, source: str, stamps, tolerance_s: float = 0.02) -> tuple[np.ndarray, np.ndarray]:
-        """Return the poses ``(N, 7)`` of ``source`` in ``target`` (``target <- source``) at ``stamps`` (ns).
-
-        Also returns a mask of the stamps where every dynamic edge of the chain has a sample within
-        ``tolerance_s``.
-
-        Raises ``LookupError`` if the frames are unknown or not connected.
-        """
-        target, source = self._clean(target), self._clean(source)
-        stamps = np.atleast_1d(np.asarray(stamps, dtype=np.int64))
-        known = self.frames
-        for f in (target, source):
-            if f not in known:
-                raise LookupError(f"TF has no frame {f!r}; frames are: {', '.join(sorted(known)) or 'none'}")
-        ct, cs = self._chain(target), self._chain(source)
-        common = next((f for f in cs if f in set(ct)), None)
-        if common is None:
-            raise LookupError(f"TF frames {target!r} and {source!r} are not connected (roots {ct[-1]!r}, {cs[-1]!r})")
-        tol = int(round(tolerance_s * 1e9))
-        a_src, v1 = self._to_ancestor(cs, common, stamps, tol)  # common <- source
-        a_tgt, v2 = self._to_ancestor(ct, common, stamps, tol)  # common <- target
-        return pose_compose(pose_inverse(a_tgt), a_src), v1 & v2
-
-    def lookup_one(self, target: str, source: str, t_ns: int, tolerance_s: float = 0.02) -> np.ndarray:
-        """Single pose ``(7,)``; raises ``LookupError`` when no transform is available within the tolerance."""
-        pose, ok = self.lookup(target, source, [t_ns], tolerance_s)
-        if not ok[0]:
-            raise LookupError(f"no TF {target} <- {source} within {tolerance_s} s of t={t_ns} ns")
-        return pose[0]
-
-    def stamps(self, target: str, source: str) -> np.ndarray:
-        """Sorted stamps (ns) of the dynamic edges on the chain between the frames (empty if all static)."""
-        ct, cs = self._chain(self._clean(target)), self._chain(self._clean(source))
-        common = next((f for f in cs if f in set(ct)), None)
-        out = []
-        for chain in (cs, ct):
-            for f in chain:
-                if f == common:
-                    break
-                e = self._edges[f]
-                if not e.static:
-                    out.append(e.arrays()[0])
-        return np.unique(np.concatenate(out)) if out else np.zeros(0, np.int64)
 
 
 def read_tf(bag_path: str | Path, topics: Sequence[str] = ("/tf", "/tf_static")) -> TfBuffer:

@@ -1,6 +1,6 @@
 """Training loops: MS-Transformer, pose auto-encoder, iAPR, PoseNet and the PAE image decoder (``apr-train``).
 
-:mod:`.config` holds the typed configuration, :mod:`.common` the shared loop (AMP, DDP, resume, metrics), one module
+:mod:`.config` holds the typed configuration, :mod:`.loop` the shared loop (AMP, DDP, resume, metrics), one module
 per trainer, and :mod:`.cli` the command line (``main(argv) -> int``).
 """
 

@@ -173,7 +173,7 @@ def run_training(args: argparse.Namespace) -> int:
     import torch
     import yaml
 
-    from .common import (
+    from .loop import (
         STATE_FILE,
         Context,
         Paths,
@@ -254,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from apr_localizer.checkpoints import CheckpointError
     from apr_training.datasets.labels import LabelError
 
-    from .common import NonFiniteLossError, TrainError
+    from .loop import NonFiniteLossError, TrainError
     from .config import ConfigError
 
     try:

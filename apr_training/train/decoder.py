@@ -24,7 +24,7 @@ from torch import nn
 
 from apr_localizer.models import PAEConfig, PoseAutoEncoder
 
-from .common import Task, TrainError, make_eval_loader, provenance, read_label_table
+from .loop import Task, TrainError, make_eval_loader, provenance, read_label_table
 from .pae import freeze
 
 __all__ = ["DecoderBundle", "DecoderStep", "DecoderTask", "ImageDecoder", "load_decoder", "save_decoder",

@@ -33,7 +33,7 @@ from apr_localizer.models import (
     build_iapr,
 )
 
-from .common import (
+from .loop import (
     Task,
     TrainError,
     check_scene_count,

@@ -29,7 +29,7 @@ from apr_localizer.models import (
     scene_nll_loss,
 )
 
-from .common import (
+from .loop import (
     Task,
     TrainError,
     check_scene_count,

@@ -28,7 +28,7 @@ from torch.utils.data import Dataset
 
 from apr_localizer.models import CameraPoseLoss, MSTransformer, PAEConfig, PoseAutoEncoder, build_pae
 
-from .common import (
+from .loop import (
     Context,
     Task,
     TrainError,
@@ -297,7 +297,7 @@ class PAETask(Task):
             return
         from apr_localizer.checkpoints import save_model
 
-        from .common import preprocess_dict
+        from .loop import preprocess_dict
 
         save_model(path, self.teacher, pae=self.pae, scene_names=self.scene_names,
                    preprocess=preprocess or preprocess_dict(self.cfg), provenance=prov)  # fmt: skip

@@ -24,7 +24,7 @@ from torch import nn
 
 from apr_localizer.models import CameraPoseLoss, PAEConfig, PoseAutoEncoder
 
-from .common import (
+from .loop import (
     Context,
     Task,
     TrainError,

@@ -295,11 +295,15 @@ def quat_multiply_torch(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def iapr_update_torch(neighbour: torch.Tensor, rel_pred: torch.Tensor) -> torch.Tensor:
-    """Torch version of :func:`iapr_update` for ``(B, 7)`` tensors (export-friendly, no in-place writes)."""
+    """Torch version of :func:`iapr_update` for ``(B, 7)`` tensors.
+
+    Export- and CUDA-graph-friendly: no in-place writes and no tensors built from host values (a host→device copy
+    cannot be captured in a CUDA graph).
+    """
     import torch
 
     q_hat = quat_normalize_torch(rel_pred[..., 3:])
-    conj = q_hat * q_hat.new_tensor([1.0, -1.0, -1.0, -1.0])
+    conj = torch.cat([q_hat[..., :1], -q_hat[..., 1:]], dim=-1)
     q = quat_multiply_torch(quat_normalize_torch(neighbour[..., 3:]), conj)
     return torch.cat([neighbour[..., :3] - rel_pred[..., :3], quat_normalize_torch(q, canonical=True)], dim=-1)
 

@@ -84,9 +84,7 @@ class Localizer:
             raise ModelLoadError(f"iapr_iterations must be >= 0, got {options.iapr_iterations}")
         self.bundle = bundle
         self.scene_names = list(bundle.scene_names)
-        self.preprocess_config = PreprocessConfig.from_dict(
-            {**bundle.preprocess, "method": options.preprocess_method}
-        )
+        self.preprocess_config = PreprocessConfig.from_dict({**bundle.preprocess, "method": options.preprocess_method})
         try:
             self.backend: Backend = create_backend(
                 bundle,
@@ -136,51 +134,64 @@ class Localizer:
 
     def localize(self, image: np.ndarray, encoding: str = "rgb8", iterations: int | None = None) -> Estimate:
         """Localize one image: ``image`` is an HxWx3 uint8 RGB array, or an HxWxC array in ``encoding``."""
+        return self.run_steps(image, iterations, encoding=encoding)[-1]
+
+    def run_steps(
+        self,
+        image: np.ndarray | torch.Tensor,
+        iterations: int | None = None,
+        *,
+        encoding: str = "rgb8",
+        scene_override: int | None = None,
+    ) -> list[Estimate]:
+        """Localize one image and return every step: ``[APR, after 1 step, …, after N steps]``.
+
+        ``image`` is an HxWx3 uint8 RGB array, an HxWxC array in ``encoding``, or an already preprocessed
+        ``(1,3,H,W)`` tensor. ``iterations`` defaults to the options' count (0 without an iAPR). Each estimate's
+        ``timings_ms`` holds the stages (``decode``, ``preprocess``, ``apr``, ``encoder``, ``step1``…, ``iapr``,
+        ``postprocess``, ``total``), synchronised with the device.
+        """
         t0 = time.perf_counter()
         timings: dict[str, float] = {}
-        if encoding != "rgb8":
-            arr = np.ascontiguousarray(image)
-            h, w = arr.shape[:2]
-            image = decode_raw(arr, encoding, w, h, arr.strides[0])
-        t1 = time.perf_counter()
-        timings["decode"] = (t1 - t0) * 1e3
-        x = self.preprocess(image)
-        t2 = time.perf_counter()
-        timings["preprocess"] = (t2 - t1) * 1e3
-        out = self.backend.run_apr(x)
-        scene_t = out["scene"]
-        t3 = time.perf_counter()
-        timings["apr"] = (t3 - t2) * 1e3
+        if isinstance(image, torch.Tensor):
+            x = image.to(self.device)
+            timings["decode"] = timings["preprocess"] = 0.0
+        else:
+            if encoding != "rgb8":
+                arr = np.ascontiguousarray(image)
+                h, w = arr.shape[:2]
+                image = decode_raw(arr, encoding, w, h, arr.strides[0])
+            t1 = time.perf_counter()
+            timings["decode"] = (t1 - t0) * 1e3
+            x = self.preprocess(image)
+            timings["preprocess"] = (time.perf_counter() - t1) * 1e3
         n = self.iterations if iterations is None else (int(iterations) if self.bundle.iapr is not None else 0)
-        pose = out["pose"]
-        if n > 0:
-            lt, lr = out["latent_t"], out["latent_rot"]
-            if self.backend.needs_encoder:
-                lt, lr = self.backend.run_encoder(x, scene_t)
-            for _ in range(n):
-                pose = self.backend.run_refine(lt, lr, pose, scene_t)
+        override = None
+        if scene_override is not None:
+            override = torch.full((x.shape[0],), int(scene_override), dtype=torch.int64, device=x.device)
+        steps = self.backend.run_steps(x, n, scene_override=override, timed=True)
+        timings.update(steps.timings_ms)
+        timings["iapr"] = sum(v for k, v in steps.timings_ms.items() if k != "apr")
         t4 = time.perf_counter()
-        timings["iapr"] = (t4 - t3) * 1e3
-        pose_np = pose[0].detach().to("cpu", torch.float64).numpy()
-        apr_np = out["pose"][0].detach().to("cpu", torch.float64).numpy()
-        scene = int(scene_t[0])
-        conf = float(torch.exp(out["scene_log_probs"][0, scene].float()))
-        try:
-            pose_np = np.concatenate([pose_np[:3], geometry.quat_normalize(pose_np[3:])])
-        except ValueError:  # zero or non-finite quaternion: reported as a non-finite estimate
-            pose_np = np.full(7, np.nan)
-        t5 = time.perf_counter()
-        timings["postprocess"] = (t5 - t4) * 1e3
-        timings["total"] = (t5 - t0) * 1e3
-        return Estimate(
-            pose=pose_np,
-            apr_pose=apr_np,
-            scene_id=scene,
-            scene_name=self.scene_names[scene] if 0 <= scene < len(self.scene_names) else str(scene),
-            confidence=conf,
-            iterations=n,
-            timings_ms=timings,
-        )
+        scene = int(steps.scene[0])
+        conf = float(torch.exp(steps.scene_log_probs[0, scene].float()))
+        name = self.scene_names[scene] if 0 <= scene < len(self.scene_names) else str(scene)
+        poses = [_to_pose(p) for p in steps.poses]
+        apr_raw = steps.poses[0][0].detach().to("cpu", torch.float64).numpy()  # as regressed (not normalised)
+        timings["postprocess"] = (time.perf_counter() - t4) * 1e3
+        timings["total"] = (time.perf_counter() - t0) * 1e3
+        return [
+            Estimate(
+                pose=pose,
+                apr_pose=apr_raw,
+                scene_id=scene,
+                scene_name=name,
+                confidence=conf,
+                iterations=k,
+                timings_ms=timings,
+            )
+            for k, pose in enumerate(poses)
+        ]
 
     def describe(self) -> dict[str, str]:
         """Backend, device, precision, scenes and iterations, for logs and diagnostics."""
@@ -194,3 +205,12 @@ class Localizer:
     def close(self) -> None:
         """Release the backend."""
         self.backend.close()
+
+
+def _to_pose(p: torch.Tensor) -> np.ndarray:
+    """First row of a ``(B,7)`` pose tensor → float64 ``(7,)`` with a unit w-first quaternion (NaN when invalid)."""
+    pose = p[0].detach().to("cpu", torch.float64).numpy()
+    try:
+        return np.concatenate([pose[:3], geometry.quat_normalize(pose[3:])])
+    except ValueError:  # zero or non-finite quaternion: reported as a non-finite estimate
+        return np.full(7, np.nan)

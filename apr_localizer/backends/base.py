@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,7 @@ __all__ = [
     "BackendError",
     "BackendOptions",
     "GraphBackend",
+    "Steps",
     "create_backend",
     "resolve_device",
 ]
@@ -67,6 +69,47 @@ class BackendOptions:
     cache_dir: Path | None = None
     cuda_graphs: bool = False
     calibration_images: torch.Tensor | None = field(default=None, repr=False)
+
+
+@dataclass
+class Steps:
+    """What :meth:`Backend.run_steps` returns (tensors on the backend's device).
+
+    ``poses[0]`` is the APR estimate and ``poses[k]`` the pose after ``k`` refinement steps, each ``(B,7)``;
+    ``scene (B,)`` int64, ``scene_log_probs (B,S)``; ``latent_t``/``latent_rot (B,D)`` are the image latents the
+    steps used; ``timings_ms`` is empty unless the run was timed.
+    """
+
+    poses: list[torch.Tensor]
+    scene: torch.Tensor
+    scene_log_probs: torch.Tensor
+    latent_t: torch.Tensor
+    latent_rot: torch.Tensor
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def pose(self) -> torch.Tensor:
+        """The last pose ``(B,7)``."""
+        return self.poses[-1]
+
+
+class _StageClock:
+    """Wall-clock laps that first wait for the device (CUDA kernels are asynchronous)."""
+
+    def __init__(self, device: str, into: dict[str, float]) -> None:
+        self.cuda = str(device).startswith("cuda")
+        self.into = into
+        self.t = self._now()
+
+    def _now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        t = self._now()
+        self.into[name] = (t - self.t) * 1e3
+        self.t = t
 
 
 class Backend(ABC):
@@ -104,18 +147,49 @@ class Backend(ABC):
     ) -> torch.Tensor:
         """Refinement graph: one iAPR step → refined pose ``(B,7)`` (unit quaternion, ``w >= 0``)."""
 
+    def run_steps(
+        self,
+        image: torch.Tensor,
+        iterations: int,
+        *,
+        scene_override: torch.Tensor | None = None,
+        timed: bool = False,
+    ) -> Steps:
+        """Run THE inference loop: the APR graph once, then ``iterations`` refinement steps on cached latents.
+
+        ``image`` is ``(B,3,H,W)`` normalised on :attr:`device`. Every consumer (``Localizer``, the evaluators, the
+        benchmark, warm-up) runs this, so they measure the same code. With ``timed`` each stage is synchronised and
+        timed (``apr``, ``encoder`` when the iAPR has its own encoder, ``step1`` … ``stepN``, in ms).
+        """
+        n = int(iterations)
+        if n < 0:
+            raise BackendError(f"iterations must be >= 0, got {n}")
+        if n > 0 and not self.has_refiner:
+            raise BackendError(f"{n} refinement iterations need an iAPR model; this model has none")
+        timings: dict[str, float] = {}
+        clock = _StageClock(self.device, timings) if timed else None
+        out = self.run_apr(image, scene_override)
+        if clock:
+            clock.lap("apr")
+        scene = out["scene"]
+        lt, lr = out["latent_t"], out["latent_rot"]
+        poses = [out["pose"]]
+        if n > 0 and self.needs_encoder:
+            lt, lr = self.run_encoder(image, scene)
+            if clock:
+                clock.lap("encoder")
+        for k in range(1, n + 1):
+            poses.append(self.run_refine(lt, lr, poses[-1], scene))
+            if clock:
+                clock.lap(f"step{k}")
+        return Steps(poses, scene, out["scene_log_probs"], lt, lr, timings)
+
     def warmup(self, runs: int = 2) -> None:
         """Run every graph a few times on dummy inputs (allocations, lazy init, autotuning)."""
         size = int(self.bundle.preprocess.get("crop", 224))
-        b = self.options.batch_size
-        x = torch.zeros(b, 3, size, size, device=self.device)
+        x = torch.zeros(self.options.batch_size, 3, size, size, device=self.device)
         for _ in range(runs):
-            out = self.run_apr(x)
-            if self.has_refiner:
-                lt, lr = (out["latent_t"], out["latent_rot"])
-                if self.needs_encoder:
-                    lt, lr = self.run_encoder(x, out["scene"])
-                self.run_refine(lt, lr, out["pose"], out["scene"])
+            self.run_steps(x, 1 if self.has_refiner else 0)
 
     def describe(self) -> dict[str, str]:
         """Short facts for logs and diagnostics."""

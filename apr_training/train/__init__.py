@@ -1,7 +1,9 @@
 """Training loops: MS-Transformer, pose auto-encoder, iAPR, PoseNet and the PAE image decoder (``apr-train``).
 
-:mod:`.config` holds the typed configuration, :mod:`.loop` the shared loop (AMP, DDP, resume, metrics), one module
-per trainer, and :mod:`.cli` the command line (``main(argv) -> int``).
+:mod:`.config` holds the typed configuration, :mod:`.task` the run context and the :class:`Task` interface,
+:mod:`.loop` the shared epoch loop (AMP, DDP, metrics), :mod:`.state` the resumable state and RNG,
+:mod:`.distributed` devices, DDP and the epoch sampler, :mod:`.helpers` what the trainers share (transforms, label
+reading, model loading, validation), one module per trainer, and :mod:`.cli` the command line (``main(argv) -> int``).
 """
 
 from __future__ import annotations

@@ -173,17 +173,11 @@ def run_training(args: argparse.Namespace) -> int:
     import torch
     import yaml
 
-    from .loop import (
-        STATE_FILE,
-        Context,
-        Paths,
-        Trainer,
-        TrainError,
-        init_distributed,
-        load_train_state,
-        seed_everything,
-    )
     from .config import TrainConfig, apply_overrides, default_config_name, load_config
+    from .distributed import init_distributed
+    from .loop import Trainer
+    from .state import STATE_FILE, load_train_state, seed_everything
+    from .task import Context, Paths, TrainError
 
     out: Path = args.out
     notes: list[str] = []
@@ -254,8 +248,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from apr_localizer.checkpoints import CheckpointError
     from apr_training.datasets.labels import LabelError
 
-    from .loop import NonFiniteLossError, TrainError
     from .config import ConfigError
+    from .task import NonFiniteLossError, TrainError
 
     try:
         return run_training(args)

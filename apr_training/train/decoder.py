@@ -24,8 +24,9 @@ from torch import nn
 
 from apr_localizer.models import PAEConfig, PoseAutoEncoder
 
-from .loop import Task, TrainError, make_eval_loader, provenance, read_label_table
+from .helpers import make_eval_loader, provenance, read_label_table
 from .pae import freeze
+from .task import Task, TrainError
 
 __all__ = ["DecoderBundle", "DecoderStep", "DecoderTask", "ImageDecoder", "load_decoder", "save_decoder",
            "write_demo_grid"]  # fmt: skip

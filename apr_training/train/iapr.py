@@ -33,9 +33,7 @@ from apr_localizer.models import (
     build_iapr,
 )
 
-from .loop import (
-    Task,
-    TrainError,
+from .helpers import (
     check_scene_count,
     eval_transform,
     evaluate_apr,
@@ -48,6 +46,7 @@ from .loop import (
     train_transform,
 )
 from .pae import freeze, sync_preprocess
+from .task import Task, TrainError
 
 __all__ = ["IAPRStep", "IAPRTask", "load_pae"]
 

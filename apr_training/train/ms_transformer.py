@@ -29,9 +29,7 @@ from apr_localizer.models import (
     scene_nll_loss,
 )
 
-from .loop import (
-    Task,
-    TrainError,
+from .helpers import (
     check_scene_count,
     eval_transform,
     evaluate_apr,
@@ -44,6 +42,7 @@ from .loop import (
     read_label_table,
     train_transform,
 )
+from .task import Task, TrainError
 
 __all__ = ["MSTransformerStep", "MSTransformerTask", "apply_freeze"]
 

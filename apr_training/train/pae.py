@@ -28,10 +28,7 @@ from torch.utils.data import Dataset
 
 from apr_localizer.models import CameraPoseLoss, MSTransformer, PAEConfig, PoseAutoEncoder, build_pae
 
-from .loop import (
-    Context,
-    Task,
-    TrainError,
+from .helpers import (
     eval_transform,
     labels_for_model,
     load_apr,
@@ -42,6 +39,7 @@ from .loop import (
     train_transform,
 )
 from .posenet import PoseNet, is_posenet_file, load_posenet, save_posenet, single_scene_labels
+from .task import Context, Task, TrainError
 
 __all__ = ["LabelsOnlyDataset", "PAEStep", "PAETask", "TeacherCache", "load_teacher", "sync_preprocess"]
 
@@ -297,7 +295,7 @@ class PAETask(Task):
             return
         from apr_localizer.checkpoints import save_model
 
-        from .loop import preprocess_dict
+        from .helpers import preprocess_dict
 
         save_model(path, self.teacher, pae=self.pae, scene_names=self.scene_names,
                    preprocess=preprocess or preprocess_dict(self.cfg), provenance=prov)  # fmt: skip

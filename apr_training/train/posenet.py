@@ -24,10 +24,7 @@ from torch import nn
 
 from apr_localizer.models import CameraPoseLoss, PAEConfig, PoseAutoEncoder
 
-from .loop import (
-    Context,
-    Task,
-    TrainError,
+from .helpers import (
     eval_transform,
     load_backbone_weights,
     make_eval_loader,
@@ -37,6 +34,7 @@ from .loop import (
     read_label_table,
     train_transform,
 )
+from .task import Context, Task, TrainError
 
 __all__ = [
     "POSENET_BACKBONES",

@@ -5,9 +5,20 @@ ROS-free (no ``rclpy`` import): :mod:`apr_localizer.ros_convert` passes ``msg.da
 ``msg.data``/``msg.format`` of a ``sensor_msgs/CompressedImage`` to :func:`decode_compressed`.
 
 Every decoder returns an ``(H, W, 3)`` ``uint8`` RGB array and raises :class:`ImageDecodeError` (a ``ValueError``) with
-a one-sentence reason for anything it cannot decode. ``rgb8`` and ``rgba8`` are returned as zero-copy, read-only views
-of the input buffer (``rgba8`` as a non-contiguous view that skips alpha); every other encoding needs a colour
-conversion and returns a fresh array.
+a one-sentence reason for anything it cannot decode; :class:`ImageSizeError` (a subclass) when the size is outside
+:class:`ImageLimits`.
+
+Hostile input: every size is checked against :class:`ImageLimits` (each side, the shorter side, the aspect ratio and the
+pixel count) from the message fields or the PNG ``IHDR`` / JPEG ``SOFn`` header, before any pixel memory is allocated,
+so a few bytes that declare a 1 x 40,000,000 frame cost nothing. A ``format`` string that names a codec must agree
+with the magic bytes. libpng (through OpenCV) rejects truncated and CRC-damaged PNGs. libjpeg only warns about a JPEG
+that runs out of scan data (an end marker appended to a truncated file, or a header that declares more pixels than the
+data holds) and fills the rest with grey, so :func:`decode_compressed` decodes a second copy with filler bytes placed
+before the end marker: a complete scan ignores them, a scan that ran out of data does not, and the image is rejected.
+Strings from a message (encoding, format) are truncated and escaped before they appear in an error message.
+
+``rgb8`` and ``rgba8`` are returned as zero-copy, read-only views of the input buffer (``rgba8`` as a non-contiguous
+view that skips alpha); every other encoding needs a colour conversion and returns a fresh array.
 
 YUV 4:2:2 uses OpenCV's conversions (BT.601, limited range: ``Y`` in 16..235), for decoding and encoding alike. ROS
 ``yuv422`` is UYVY (``U0 Y0 V0 Y1``) and ROS ``yuv422_yuy2`` is YUYV (``Y0 U0 Y1 V0``).
@@ -16,21 +27,28 @@ YUV 4:2:2 uses OpenCV's conversions (BT.601, limited range: ``Y`` in 16..235), f
 from __future__ import annotations
 
 import array
+import math
+import re
+from dataclasses import dataclass
 from typing import Final
 
 import cv2
 import numpy as np
 
 __all__ = [
+    "DEFAULT_LIMITS",
     "DEFAULT_MAX_PIXELS",
     "ENCODINGS",
     "ImageDecodeError",
+    "ImageLimits",
+    "ImageSizeError",
     "bytes_per_pixel",
     "compressed_image_size",
     "decode_compressed",
     "decode_raw",
     "encode_compressed",
     "encode_raw",
+    "quote",
 ]
 
 BufferLike = bytes | bytearray | memoryview | np.ndarray | array.array
@@ -57,12 +75,102 @@ ENCODINGS: Final[tuple[str, ...]] = tuple(_ENCODINGS)
 _PNG_MAGIC: Final[bytes] = b"\x89PNG\r\n\x1a\n"
 _JPEG_MAGIC: Final[bytes] = b"\xff\xd8\xff"
 # JPEG start-of-frame markers (baseline, progressive, lossless, arithmetic); 0xC4, 0xC8, 0xCC are not frames.
-_JPEG_SOF: Final[frozenset[int]] = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE,
-                                              0xCF})
+_JPEG_SOF: Final[frozenset[int]] = frozenset(
+    {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+)
 
 
 class ImageDecodeError(ValueError):
     """An image message cannot be decoded; the message is one sentence that says why."""
+
+
+class ImageSizeError(ImageDecodeError):
+    """An image size outside :class:`ImageLimits` (too large, too small or too elongated for the network)."""
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """Sizes an image may have; checked before any pixel memory is allocated.
+
+    Attributes:
+        max_pixels: largest ``width * height`` (40 MP: twice an 8K frame).
+        max_side: largest width or height (16384 px; PNG and JPEG allow 65535, no camera needs it).
+        min_side: smallest width or height (2 px: a 1-pixel row or column is not an image). Preprocessing applies a
+            stricter bound (see :func:`apr_localizer.preprocess.check_input_size`).
+        max_aspect: largest ``long side / short side`` (8: the centre crop would keep under 1/8 of the frame, and
+            resizing the short side to the network input must not inflate the long side without bound).
+    """
+
+    max_pixels: int = 40_000_000
+    max_side: int = 16384
+    min_side: int = 2
+    max_aspect: float = 8.0
+
+    def __post_init__(self) -> None:
+        """Validate the limits (positive integers, ``max_aspect >= 1``)."""
+        for name in ("max_pixels", "max_side", "min_side"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+                raise ValueError(f"ImageLimits.{name} must be a positive integer, got {value!r}")
+            object.__setattr__(self, name, int(value))
+        if self.min_side > self.max_side:
+            raise ValueError(f"ImageLimits.min_side {self.min_side} must not exceed max_side {self.max_side}")
+        aspect = float(self.max_aspect)
+        if not math.isfinite(aspect) or aspect < 1.0:
+            raise ValueError(f"ImageLimits.max_aspect must be a finite number >= 1, got {self.max_aspect!r}")
+        object.__setattr__(self, "max_aspect", aspect)
+
+    def check(self, width: int, height: int, what: str = "image", min_side: int | None = None) -> None:
+        """Raise :class:`ImageSizeError` (one sentence naming ``what``) unless ``width`` x ``height`` is acceptable.
+
+        ``min_side`` overrides :attr:`min_side` when it is larger (preprocessing asks for more than decoding).
+        """
+        lo = max(self.min_side, min_side or 0)
+        if width <= 0 or height <= 0:
+            raise ImageSizeError(f"{what} size {width}x{height} is empty; width and height must be positive")
+        if max(width, height) > self.max_side:
+            raise ImageSizeError(
+                f"{what} size {width}x{height} has a side longer than the limit of {self.max_side} pixels"
+            )
+        if min(width, height) < lo:
+            raise ImageSizeError(f"{what} size {width}x{height} is too small; both sides must be at least {lo} pixels")
+        if max(width, height) > self.max_aspect * min(width, height):
+            raise ImageSizeError(
+                f"{what} size {width}x{height} has an aspect ratio of "
+                f"{max(width, height) / min(width, height):.4g}:1, more elongated than the limit of "
+                f"{self.max_aspect:g}:1"
+            )
+        if width * height > self.max_pixels:
+            raise ImageSizeError(
+                f"{what} size {width}x{height} ({width * height / 1e6:.1f} megapixels) exceeds the limit of "
+                f"{self.max_pixels / 1e6:.1f} megapixels"
+            )
+
+
+DEFAULT_LIMITS: Final[ImageLimits] = ImageLimits(max_pixels=DEFAULT_MAX_PIXELS)
+"""The limits used when a caller gives none."""
+
+
+def _limits(limits: ImageLimits | None, max_pixels: int | None) -> ImageLimits:
+    """``limits`` (default :data:`DEFAULT_LIMITS`) with ``max_pixels`` replaced when one is given."""
+    limits = limits or DEFAULT_LIMITS
+    if max_pixels is None or int(max_pixels) == limits.max_pixels:
+        return limits
+    return ImageLimits(int(max_pixels), limits.max_side, limits.min_side, limits.max_aspect)
+
+
+def quote(value: object, limit: int = 40) -> str:
+    """``repr`` of a message-supplied value, cut to about ``limit`` characters: safe to put into an error message.
+
+    ``repr`` escapes control characters (an ANSI escape is shown as a backslash sequence), and the cut keeps a 64 KiB
+    field out of logs and diagnostics.
+    """
+    if isinstance(value, str) and len(value) > limit:
+        return repr(value[:limit]) + f"... ({len(value)} characters)"
+    text = repr(value)
+    if len(text) > limit + 2:
+        text = text[:limit] + "..."
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
 
 
 def bytes_per_pixel(encoding: str) -> int:
@@ -75,7 +183,7 @@ def _lookup(encoding: str) -> tuple[int, str]:
         return _ENCODINGS[encoding.strip().lower()]
     except (KeyError, AttributeError):
         raise ImageDecodeError(
-            f"image encoding {encoding!r} is not supported; expected one of {', '.join(ENCODINGS)}"
+            f"image encoding {quote(encoding)} is not supported; expected one of {', '.join(ENCODINGS)}"
         ) from None
 
 
@@ -95,16 +203,6 @@ def _as_uint8_buffer(data: BufferLike, what: str) -> np.ndarray:
         ) from exc
 
 
-def _check_size(width: int, height: int, max_pixels: int, what: str) -> None:
-    if width <= 0 or height <= 0:
-        raise ImageDecodeError(f"{what} size {width}x{height} is empty; width and height must be positive")
-    if width * height > max_pixels:
-        raise ImageDecodeError(
-            f"{what} size {width}x{height} ({width * height / 1e6:.1f} megapixels) exceeds the limit of "
-            f"{max_pixels / 1e6:.1f} megapixels"
-        )
-
-
 def decode_raw(
     data: BufferLike,
     encoding: str,
@@ -112,7 +210,8 @@ def decode_raw(
     height: int,
     step: int,
     is_bigendian: bool = False,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_pixels: int | None = None,
+    limits: ImageLimits | None = None,
 ) -> np.ndarray:
     """Decode the pixel buffer of a ``sensor_msgs/Image`` into an ``(height, width, 3)`` ``uint8`` RGB array.
 
@@ -123,22 +222,25 @@ def decode_raw(
         width, height: image size in pixels.
         step: bytes per row, at least ``width * bytes_per_pixel(encoding)``; the rest of a row is padding.
         is_bigendian: byte order of ``mono16`` samples (ignored for 8-bit encodings).
-        max_pixels: reject images with more than this many pixels before touching the data.
+        max_pixels: overrides ``limits.max_pixels`` when given.
+        limits: size limits checked before the data is touched (default :data:`DEFAULT_LIMITS`).
 
     Returns:
         ``(height, width, 3)`` ``uint8`` RGB. ``rgb8``/``rgba8`` give a read-only view sharing memory with ``data``
         (no copy); ``mono16`` keeps the high byte (``>> 8``); ``mono8``/``mono16`` are replicated to three channels.
 
     Raises:
-        ImageDecodeError: unknown encoding, empty or oversized image, ``step`` too small, truncated data, or an odd
-            width for a 4:2:2 YUV encoding.
+        ImageDecodeError: unknown encoding, ``step`` too small, truncated data, or an odd width for a 4:2:2 YUV
+            encoding; :class:`ImageSizeError` for a size outside ``limits``.
     """
     bpp, canonical = _lookup(encoding)
     try:
         width, height, step = int(width), int(height), int(step)
     except (TypeError, ValueError):
-        raise ImageDecodeError(f"image width {width!r}, height {height!r} and step {step!r} must be integers") from None
-    _check_size(width, height, max_pixels, f"{encoding} image")
+        raise ImageDecodeError(
+            f"image width {quote(width)}, height {quote(height)} and step {quote(step)} must be integers"
+        ) from None
+    _limits(limits, max_pixels).check(width, height, f"{canonical} image")
     row_bytes = width * bpp
     if step < row_bytes:
         raise ImageDecodeError(
@@ -225,39 +327,69 @@ def _jpeg_size(buf: np.ndarray) -> tuple[int, int]:
     raise ImageDecodeError("compressed image is a JPEG without a readable start-of-frame header (corrupt or truncated)")
 
 
-def decode_compressed(data: BufferLike, format: str = "", max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def _jpeg_end_of_image(raw: bytes) -> int:
+    """Offset of the end-of-image marker that ends a JPEG's scans (the first ``FFD9`` outside marker segments).
+
+    Walks the marker segments by their lengths and the entropy-coded data of each scan (where ``FF00`` is a stuffed
+    byte and ``FFD0``..``FFD7`` are restart markers), so an ``FFD9`` inside an EXIF thumbnail does not count.
+    """
+    n, pos = len(raw), 2
+    while pos + 1 < n:
+        if raw[pos] != 0xFF:
+            break
+        marker = raw[pos + 1]
+        if marker == 0xD9:
+            return pos
+        if marker == 0xFF or marker == 0x01 or 0xD0 <= marker <= 0xD8:
+            pos += 1 if marker == 0xFF else 2
+            continue
+        if pos + 4 > n:
+            break
+        pos += 2 + ((raw[pos + 2] << 8) | raw[pos + 3])
+        if marker != 0xDA:
+            continue
+        while True:  # entropy-coded data: up to the next marker that is not a stuffed byte or a restart marker
+            pos = raw.find(b"\xff", pos)
+            if pos < 0 or pos + 1 >= n:
+                pos = n
+                break
+            nxt = raw[pos + 1]
+            if nxt == 0x00 or 0xD0 <= nxt <= 0xD7:
+                pos += 2
+            elif nxt == 0xFF:
+                pos += 1
+            else:
+                break
+    raise ImageDecodeError("compressed image is a JPEG without an end-of-image marker (truncated message)")
+
+
+def decode_compressed(
+    data: BufferLike, format: str = "", max_pixels: int | None = None, limits: ImageLimits | None = None
+) -> np.ndarray:
     """Decode a ``sensor_msgs/CompressedImage`` (JPEG or PNG) into an ``(H, W, 3)`` ``uint8`` RGB array.
 
     The codec is taken from the bytes (magic numbers); ``format`` (``msg.format``, e.g. ``"jpeg"``,
-    ``"rgb8; jpeg compressed bgr8"``, ``"png"``) may be empty, but if it names a codec it must agree with the bytes.
-    Grey images are replicated to three channels, alpha is dropped and 16-bit PNGs keep their high byte (``>> 8``).
-    The header size is checked against ``max_pixels`` before the pixels are decoded.
+    ``"rgb8; jpeg compressed bgr8"``, ``"png"``) may be empty, but if it names a codec it must be the one of the bytes
+    (``"tiff"`` with PNG bytes is rejected). Grey images are replicated to three channels, alpha is dropped and 16-bit
+    PNGs keep their high byte (``>> 8``). The header size is checked against ``limits`` before the pixels are decoded,
+    and a JPEG whose scan ends early (truncated, or a header that declares more pixels than the data) is rejected.
 
     Raises:
-        ImageDecodeError: unsupported format (e.g. ``compressedDepth``), bytes that are not a decodable PNG/JPEG, a
-            truncated JPEG, or an image larger than ``max_pixels``.
+        ImageDecodeError: unsupported or mismatching format (e.g. ``compressedDepth``), bytes that are not a complete,
+            decodable PNG/JPEG; :class:`ImageSizeError` for a header size outside ``limits``.
     """
-    fmt = (format or "").lower()
-    if "compresseddepth" in fmt:
-        raise ImageDecodeError(f"compressed image format {format!r} (depth) is not supported; expected jpeg or png")
     codec, width, height = compressed_image_size(data)
-    named = {c for c, keys in (("jpeg", ("jpeg", "jpg")), ("png", ("png",))) if any(k in fmt for k in keys)}
-    if named and codec not in named:
-        raise ImageDecodeError(f"compressed image format {format!r} does not match its data, which is a {codec}")
-    _check_size(width, height, max_pixels, f"compressed {codec} image")
+    _check_format(format, codec)
+    _limits(limits, max_pixels).check(width, height, f"compressed {codec} image")
     buf = _as_uint8_buffer(data, "compressed image")
-    if codec == "jpeg" and buf[-min(buf.size, 65536) :].tobytes().rfind(b"\xff\xd9") < 0:
-        raise ImageDecodeError("compressed image is a JPEG without an end-of-image marker (truncated message)")
-    try:
-        img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
-    except cv2.error as exc:
-        raise ImageDecodeError(f"compressed {codec} image could not be decoded by OpenCV: {exc.msg.strip()}") from exc
-    if img is None or img.size == 0:
-        raise ImageDecodeError(f"compressed {codec} image ({buf.size} bytes) could not be decoded (corrupt data)")
+    eoi = _jpeg_end_of_image(buf.tobytes()) if codec == "jpeg" else -1
+    img = _imdecode(buf, codec)
     if img.shape[0] != height or img.shape[1] != width:
         raise ImageDecodeError(
             f"compressed {codec} image decoded to {img.shape[1]}x{img.shape[0]} but its header says {width}x{height}"
         )
+    if codec == "jpeg":
+        _check_jpeg_scan_complete(buf, eoi, img)
     if img.dtype == np.uint16:
         img = (img >> 8).astype(np.uint8)
     elif img.dtype != np.uint8:
@@ -269,6 +401,93 @@ def decode_compressed(data: BufferLike, format: str = "", max_pixels: int = DEFA
     if img.shape[2] == 4:
         return cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)
     raise ImageDecodeError(f"compressed {codec} image has {img.shape[2]} channels; expected 1, 3 or 4")
+
+
+# Codec names a CompressedImage.format may contain besides ours; naming one of them with PNG/JPEG data is an error.
+_CODEC_WORDS: Final[dict[str, str]] = {"jpeg": "jpeg", "jpg": "jpeg", "png": "png"}
+_OTHER_CODECS: Final[frozenset[str]] = frozenset(
+    {
+        "tiff",
+        "tif",
+        "bmp",
+        "gif",
+        "webp",
+        "jp2",
+        "j2k",
+        "jpeg2000",
+        "jxl",
+        "avif",
+        "heic",
+        "heif",
+        "exr",
+        "hdr",
+        "pbm",
+        "pgm",
+        "ppm",
+        "pnm",
+        "qoi",
+        "raw",
+        "theora",
+        "h264",
+        "h265",
+        "hevc",
+        "av1",
+        "zstd",
+        "rvl",
+    }
+)
+
+
+def _check_format(format: str, codec: str) -> None:
+    """Raise unless ``format`` is empty or names exactly the codec found in the data (``codec``)."""
+    if not isinstance(format, str):
+        raise ImageDecodeError(f"compressed image format must be a string, got {type(format).__name__}")
+    words = set(re.findall(r"[a-z0-9]+", format.lower()))
+    if "compresseddepth" in words:
+        raise ImageDecodeError(
+            f"compressed image format {quote(format)} (depth) is not supported; expected jpeg or png"
+        )
+    named = {_CODEC_WORDS[w] for w in words if w in _CODEC_WORDS} | (words & _OTHER_CODECS)
+    if named and named != {codec}:
+        raise ImageDecodeError(
+            f"compressed image format {quote(format)} does not match its data, which is a {codec} (the format names "
+            f"{', '.join(sorted(named))})"
+        )
+
+
+def _imdecode(buf: np.ndarray, codec: str) -> np.ndarray:
+    """OpenCV decode (unchanged depth and channels); ImageDecodeError for anything it cannot decode."""
+    try:
+        img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    except cv2.error as exc:
+        raise ImageDecodeError(
+            f"compressed {codec} image could not be decoded by OpenCV: {quote(exc.msg.strip(), 120)}"
+        ) from None
+    if img is None or img.size == 0:
+        raise ImageDecodeError(f"compressed {codec} image ({buf.size} bytes) could not be decoded (corrupt data)")
+    return img
+
+
+# Filler for the JPEG scan-completeness probe: no 0xFF (would start a marker), not all zeros or all ones (which may
+# decode like libjpeg's own zero fill with some Huffman tables).
+_JPEG_PROBE_FILLER: Final[np.ndarray] = np.frombuffer(bytes((37 * i + 11) % 255 for i in range(256)), np.uint8)
+
+
+def _check_jpeg_scan_complete(buf: np.ndarray, eoi: int, img: np.ndarray) -> None:
+    """Reject a JPEG whose last scan ran out of data before the end-of-image marker at ``eoi``.
+
+    libjpeg only warns when entropy-coded data ends early and fills the missing blocks, so the decode "succeeds":
+    decoding again with filler bytes before the end marker tells the cases apart. A complete scan stops before the
+    filler (libjpeg skips it as extraneous bytes) and gives identical pixels; a starved scan reads the filler as
+    image data and gives different pixels (or fails).
+    """
+    probe = np.concatenate([buf[:eoi], _JPEG_PROBE_FILLER, buf[eoi:]])
+    img2 = cv2.imdecode(probe, cv2.IMREAD_UNCHANGED)
+    if img2 is None or img2.shape != img.shape or not np.array_equal(img2, img):
+        raise ImageDecodeError(
+            "compressed image is a corrupt JPEG: its scan data ends before the image is complete (a truncated file "
+            "with an end marker, or a header that declares more pixels than the data holds)"
+        )
 
 
 def _check_rgb(rgb: np.ndarray, what: str) -> np.ndarray:

@@ -14,11 +14,18 @@ Resize methods (``PreprocessConfig.method``):
   ``uint8`` antialias kernel, so there it interpolates in ``float32`` and rounds to whole grey levels, which emulates
   the ``uint8`` intermediate image (also within 1 grey level of PIL).
 * ``"auto"``: ``"pil"`` when ``device`` is the CPU, ``"torch"`` otherwise.
+
+Input sizes are checked before anything is resized (:func:`check_input_size`): the resize inflates the longer side by
+``resize / short side``, so a 1 x 40,000,000 frame would ask for terabytes. Every image must fit
+:data:`PREPROCESS_LIMITS` (aspect ratio at most 8:1, at most 40 MP and 16384 px a side) and its shorter side must be at
+least ``max(16, ceil(crop / 8))`` pixels; otherwise :class:`apr_localizer.imaging.ImageSizeError` (a ``ValueError``)
+is raised with one sentence.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -28,11 +35,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .imaging import ImageLimits
+
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "EvalTransform",
+    "PREPROCESS_LIMITS",
     "PreprocessConfig",
+    "check_input_size",
     "crop_geometry",
     "denormalize",
     "preprocess",
@@ -41,6 +52,8 @@ __all__ = [
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 _METHODS = ("auto", "pil", "torch")
+PREPROCESS_LIMITS = ImageLimits(min_side=16)
+"""Default input limits of :func:`preprocess` (decoding allows 2-px sides; the network needs more)."""
 
 
 @dataclass(frozen=True)
@@ -113,6 +126,20 @@ def crop_geometry(
     top = int(round((resized[0] - config.crop) / 2.0))
     left = int(round((resized[1] - config.crop) / 2.0))
     return resized, (top, left)
+
+
+def check_input_size(
+    height: int, width: int, config: PreprocessConfig | None = None, limits: ImageLimits | None = None
+) -> None:
+    """Raise :class:`~apr_localizer.imaging.ImageSizeError` unless ``height`` x ``width`` suits ``config``.
+
+    ``limits`` (default :data:`PREPROCESS_LIMITS`) bounds each side, the pixel count and the aspect ratio; the
+    shorter side must also be at least ``ceil(config.crop / 8)``, because more than 8x upsampling leaves the network
+    nothing to see. The largest resized image this admits is ``resize`` x ``resize * max_aspect`` pixels.
+    """
+    config = config or PreprocessConfig()
+    limits = limits or PREPROCESS_LIMITS
+    limits.check(int(width), int(height), "preprocess input image", min_side=math.ceil(config.crop / 8))
 
 
 @functools.lru_cache(maxsize=32)
@@ -203,6 +230,7 @@ def preprocess(
     config: PreprocessConfig | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    limits: ImageLimits | None = None,
 ) -> torch.Tensor:
     """Turn RGB ``uint8`` images into the normalised model input.
 
@@ -213,12 +241,15 @@ def preprocess(
         config: the transform; defaults to :class:`PreprocessConfig()` (256 → 224, ImageNet statistics, ``auto``).
         device: where the result lives (and, for the ``"torch"`` method, where the resize runs).
         dtype: result dtype; the arithmetic is float32 either way.
+        limits: input size limits (default :data:`PREPROCESS_LIMITS`; see :func:`check_input_size`).
 
     Returns:
         ``(B, 3, crop, crop)`` contiguous tensor of ``dtype`` on ``device``.
 
     Raises:
-        ValueError: an input that is not an RGB ``uint8`` image.
+        ValueError: an input that is not an RGB ``uint8`` image;
+            :class:`~apr_localizer.imaging.ImageSizeError` (a ``ValueError``) for a size outside the limits, raised
+            before anything is resized.
     """
     config = config or PreprocessConfig()
     device = torch.device(device)
@@ -228,6 +259,9 @@ def preprocess(
     if method == "auto":
         method = "pil" if device.type == "cpu" else "torch"
     batch = _as_images(images)
+    shapes = [tuple(batch.shape[1:3])] if isinstance(batch, torch.Tensor) else [img.shape[:2] for img in batch]
+    for height, width in shapes:
+        check_input_size(height, width, config, limits)
 
     if method == "pil":
         arrays = [t.numpy(force=True) for t in batch] if isinstance(batch, torch.Tensor) else batch

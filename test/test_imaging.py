@@ -19,6 +19,8 @@ from apr_localizer.imaging import (
     DEFAULT_MAX_PIXELS,
     ENCODINGS,
     ImageDecodeError,
+    ImageLimits,
+    ImageSizeError,
     bytes_per_pixel,
     compressed_image_size,
     decode_compressed,
@@ -31,6 +33,8 @@ from apr_localizer.preprocess import preprocess
 EXACT = ("rgb8", "bgr8", "rgba8", "bgra8")
 YUV = ("yuv422", "uyvy", "yuv422_yuy2", "yuyv")
 FAST = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# Byte-layout tests use 1-row images, which the default limits reject (min_side 2, aspect 8:1).
+ANY_SIZE = ImageLimits(min_side=1, max_aspect=1000.0)
 
 
 def _textured(height: int = 48, width: int = 64, seed: int = 0) -> np.ndarray:
@@ -78,7 +82,7 @@ def test_channel_order_is_taken_from_the_encoding() -> None:
     # One red pixel written by hand in each byte layout must decode to red.
     layouts = {"rgb8": [255, 0, 0], "bgr8": [0, 0, 255], "rgba8": [255, 0, 0, 7], "bgra8": [0, 0, 255, 7]}
     for encoding, px in layouts.items():
-        out = decode_raw(bytes(px * 2), encoding, 2, 1, 2 * len(px))
+        out = decode_raw(bytes(px * 2), encoding, 2, 1, 2 * len(px), limits=ANY_SIZE)
         np.testing.assert_array_equal(out, [[[255, 0, 0], [255, 0, 0]]], err_msg=encoding)
 
 
@@ -130,10 +134,10 @@ def test_yuv422_round_trip_matches_opencv_and_the_original(encoding: str, frame:
 )
 def test_yuv422_byte_order(encoding: str, pair: list[int]) -> None:
     # BT.601 limited-range red is Y=82, U=90, V=240: UYVY stores U Y V Y, YUYV stores Y U Y V.
-    out = decode_raw(bytes(pair * 2), encoding, 4, 1, 8)
+    out = decode_raw(bytes(pair * 2), encoding, 4, 1, 8, limits=ANY_SIZE)
     assert np.abs(out.astype(int) - [255, 0, 0]).max() <= 3, out
     white = decode_raw(bytes([128, 235, 128, 235] if encoding in ("yuv422", "uyvy") else [235, 128, 235, 128]),
-                       encoding, 2, 1, 4)
+                       encoding, 2, 1, 4, limits=ANY_SIZE)
     np.testing.assert_array_equal(white, np.full((1, 2, 3), 255, np.uint8))
 
 
@@ -158,8 +162,8 @@ def test_row_padding_gives_the_same_image(
     noisy = bytearray(padded)
     for row in range(height):
         noisy[row * padded_step + step : (row + 1) * padded_step] = b"\xa5" * padding
-    expected = decode_raw(tight, encoding, width, height, step, is_bigendian=big_endian)
-    got = decode_raw(noisy, encoding, width, height, padded_step, is_bigendian=big_endian)
+    expected = decode_raw(tight, encoding, width, height, step, is_bigendian=big_endian, limits=ANY_SIZE)
+    got = decode_raw(noisy, encoding, width, height, padded_step, is_bigendian=big_endian, limits=ANY_SIZE)
     np.testing.assert_array_equal(got, expected)
     if encoding in EXACT:
         np.testing.assert_array_equal(got, rgb)

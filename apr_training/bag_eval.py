@@ -27,7 +27,7 @@ Ground truth (``--gt``)
     Starts ``localizer_node`` as a subprocess (``--ros-args --params-file``: the package's ``config/localizer.yaml``,
     then ``--params`` files, then the overrides of this command: model, image topic, autostart, ...), waits until it
     is active and subscribed, plays the bag's image topic (and its ``camera_info``) into live topics at the recorded
-    rate times ``--rate`` with :class:`~apr_training.bag_player.BagPlayer`, records the node's ``~/pose`` with receipt
+    rate times ``--rate`` with :class:`~apr_training.bags.player.BagPlayer`, records the node's ``~/pose`` with receipt
     times and its ``/diagnostics``, stops the node with SIGINT (exit code 0 expected) and evaluates the received
     poses. Poses are matched to images by ``header.stamp`` (the node stamps its outputs with the image stamp).
 
@@ -126,7 +126,7 @@ def _typestore():
 
 
 def _open_reader(bag: str | Path):
-    from .bag_player import _open_reader as open_reader
+    from .bags.player import _open_reader as open_reader
 
     try:
         return open_reader(bag)
@@ -472,7 +472,7 @@ def run_offline(
     names += [f"post{k}" for k in range(K + 1)]
     timings: dict[str, list[float]] = {k: [] for k in names}
     read = without = 0
-    from .bag_player import bag_topics
+    from .bags.player import bag_topics
 
     total = -(-bag_topics(bag).get(image_topic, ("", 0))[1] // stride)
     total = min(total, limit) if limit is not None else total
@@ -780,7 +780,7 @@ class NodeMonitor:
         from diagnostic_msgs.msg import DiagnosticArray
         from geometry_msgs.msg import PoseStamped
 
-        from .bag_player import TopicRecorder
+        from .bags.player import TopicRecorder
 
         self.node_name = node_name
         self.pose_topic = f"/{node_name}/pose"
@@ -880,7 +880,7 @@ def run_live(args: argparse.Namespace, env_changes: Mapping[str, str], out: Path
     """Start the node, replay the bag into it, record its poses, stop it (see the module docstring)."""
     from apr_localizer.resources import config_path
 
-    from .bag_player import BagPlayer, BagPlayerError, RosSession, bag_topics
+    from .bags.player import BagPlayer, BagPlayerError, RosSession, bag_topics
 
     topics = bag_topics(args.bag)
     if args.image_topic not in topics:
@@ -1484,7 +1484,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.mode == "offline":
             return _main_offline(args, argv)
-        from .bag_player import ros_environment
+        from .bags.player import ros_environment
 
         with ros_environment(lambda text: _say(args, f"apr-eval-bag: set {text}")) as changes:
             return _main_live(args, argv, changes)

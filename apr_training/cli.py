@@ -14,7 +14,7 @@ _COMMANDS = {
     "eval": ("apr_training.evaluate", "main"),
     "export": ("apr_training.export_cli", "main"),
     "bench": ("apr_training.bench", "main"),
-    "synth": ("apr_training.datasets.synthetic.cli", "synth_main"),
+    "synth": ("apr_training.synthetic.cli", "synth_main"),
     "eval_bag": ("apr_training.bag_eval", "main"),
 }
 

@@ -72,7 +72,7 @@ def _publisher_main(argv: Sequence[str]) -> int:
     p.add_argument("--wait", type=float, default=30.0, help="seconds to wait for the node's subscription")
     args = p.parse_args(list(argv))
 
-    from .bag_player import RosSession, prepare_ros_environment
+    from .bags.player import RosSession, prepare_ros_environment
 
     prepare_ros_environment()
     from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
@@ -333,7 +333,7 @@ def run_node_bench(args: argparse.Namespace, env_changes: dict[str, str]) -> dic
     from apr_localizer.resources import config_path
 
     from .bag_eval import LocalizerProcess, NodeMonitor, write_node_params
-    from .bag_player import RosSession
+    from .bags.player import RosSession
 
     with tempfile.TemporaryDirectory(prefix="apr_node_bench_") as tmp_s:
         tmp = Path(tmp_s)
@@ -524,7 +524,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--flood-duration must be > 0")
 
     from .bag_eval import BagEvalError
-    from .bag_player import ros_environment
+    from .bags.player import ros_environment
 
     try:
         with ros_environment(lambda text: print(f"apr-bench node: set {text}", file=sys.stderr)) as changes:

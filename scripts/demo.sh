@@ -32,7 +32,7 @@ rm -rf "$OUT"
 mkdir -p "$OUT"
 
 echo "== demo: rendering the test bag ($SCENE, test trajectory seq-04, $FRAMES frames at 640x480, 15 Hz)"
-"$PY" -m apr_training.datasets.synthetic.handheld "$OUT/test_bag" --bag "$SCENE" --seq seq-04 --frames "$FRAMES" \
+"$PY" -m apr_training.synthetic.handheld "$OUT/test_bag" --bag "$SCENE" --seq seq-04 --frames "$FRAMES" \
   --width 640 --height 480 --fps 15 --seed 0
 
 echo "== demo: offline evaluation, MS-Transformer alone vs + iAPR"

@@ -17,7 +17,7 @@ PY="$VENV/bin/python"
 IMG=(--set data.resize=146 --set data.crop=128)
 mkdir -p "$W"
 
-[ -f "$W/synth/train.csv" ] || "$PY" -m apr_training.datasets.synthetic.handheld "$W/synth" \
+[ -f "$W/synth/train.csv" ] || "$PY" -m apr_training.synthetic.handheld "$W/synth" \
   --scenes office,kitchen,library,warehouse --train-seqs 3 --test-seqs 1 --frames 250 --width 320 --height 240 --seed 0
 
 "$BIN/apr-train" ms-transformer --config synthetic --data "$W/synth" --labels "$W/synth/train.csv" --out "$W/ms" \

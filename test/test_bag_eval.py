@@ -242,7 +242,7 @@ def _expected_errors(n_eval: int) -> tuple[np.ndarray, np.ndarray]:
 def test_header_stamp_is_patched_in_the_cdr_buffer():
     from rosbags.typesys import Stores, get_typestore
 
-    from apr_training.bag_player import header_stamp_ns, set_header_stamp
+    from apr_training.bags.player import header_stamp_ns, set_header_stamp
 
     ts = get_typestore(Stores.ROS2_KILTED)
     _, msg = _image_msg(ts, np.zeros((2, 3, 3), np.uint8), 5_123_456_789, compressed=False)
@@ -427,7 +427,7 @@ def test_bag_player_restamps_publishes_clock_and_recorder_writes_a_bag(tmp_path,
     from rosgraph_msgs.msg import Clock
     from sensor_msgs.msg import CameraInfo, Image
 
-    from apr_training.bag_player import BagPlayer, RosSession, TopicRecorder, bag_topics
+    from apr_training.bags.player import BagPlayer, RosSession, TopicRecorder, bag_topics
 
     monkeypatch.setenv("ROS_DOMAIN_ID", ros_env["ROS_DOMAIN_ID"])
     with RosSession("player_test") as session:

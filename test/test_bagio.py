@@ -11,9 +11,9 @@ import yaml
 from apr_localizer import geometry
 from apr_localizer.imaging import decode_compressed, encode_compressed
 from apr_localizer.tf_buffer import TfBuffer
-from apr_training.datasets import bagio
-from apr_training.datasets.synthetic.render import Intrinsics
-from apr_training.datasets.synthetic.writer import render_sequence
+from apr_training.bags import io as bagio
+from apr_training.synthetic.render import Intrinsics
+from apr_training.synthetic.writer import render_sequence
 
 TF_RIHS01 = "RIHS01_e369d0f05a23ae52508854b66f6aa0437f3449d652e8cbf22d5abe85d020f087"
 T0 = 1_700_000_000_000_000_000

@@ -11,12 +11,12 @@ from PIL import Image
 
 from apr_localizer import geometry
 from apr_localizer.imaging import decode_compressed, encode_compressed
-from apr_training.datasets import bagio
+from apr_training.bags import io as bagio
 from apr_training.datasets.from_bag import ExtractError, extract_dataset, parse_gt_source
 from apr_training.datasets.labels import read_labels
-from apr_training.datasets.synthetic.cli import synth_main
-from apr_training.datasets.synthetic.render import Intrinsics
-from apr_training.datasets.synthetic.writer import LABEL_COLUMNS, make_sequence_trajectory, render_sequence
+from apr_training.synthetic.cli import synth_main
+from apr_training.synthetic.render import Intrinsics
+from apr_training.synthetic.writer import LABEL_COLUMNS, make_sequence_trajectory, render_sequence
 
 T0 = 1_700_000_000_000_000_000
 PERIOD = 100_000_000  # images at 10 Hz

@@ -2,7 +2,7 @@
 
 The node runs ``localizer_node --ros-args --params-file <tmp yaml>`` (or ``python -m apr_localizer.node``) with the
 reference MS-Transformer checkpoint (random weights, 7 scenes) on the torch CPU backend; this test process publishes
-images and subscribes to the outputs through :class:`helpers_ros.RosHarness` on a private ROS domain, and runs the
+images and subscribes to the outputs through :class:`ros_harness.RosHarness` on a private ROS domain, and runs the
 same :class:`Localizer` directly to check the published poses. Every wait is on a count or predicate with a timeout.
 """
 
@@ -19,7 +19,6 @@ import pytest
 from builtin_interfaces.msg import Time
 from diagnostic_msgs.msg import DiagnosticArray
 from geometry_msgs.msg import PoseStamped, PoseWithCovarianceStamped
-from helpers_ros import WAIT_S, NodeProcess, RosHarness, diag_values, wait_until, write_params
 from rcl_interfaces.msg import Parameter as ParameterMsg
 from rcl_interfaces.msg import ParameterType, ParameterValue
 from rcl_interfaces.srv import SetParameters
@@ -30,6 +29,7 @@ from std_srvs.srv import Trigger
 
 from apr_localizer import geometry, ros_convert
 from apr_localizer.node import HAVE_TF2_ROS
+from apr_training.ros_harness import WAIT_S, NodeProcess, RosHarness, diag_values, wait_until, write_params
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT = "checkpoints/ms_transformer_7scenes_t2-2_rot1-1.pth"

@@ -33,7 +33,7 @@ from PIL import Image
 
 from apr_localizer.geometry import pose_compose
 
-from . import bagio
+from ..bags import io as bagio
 
 __all__ = ["ExtractError", "GroundTruthSource", "extract_dataset", "parse_gt_source"]
 

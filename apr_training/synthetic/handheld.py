@@ -241,7 +241,7 @@ def write_trajectory_bag(
     from PIL import Image as PILImage
     from tqdm import tqdm
 
-    from ..bagio import BagFrame, write_bag
+    from ..bags.io import BagFrame, write_bag
 
     out = Path(out)
     scene = make_scene(scene_name, seed)
@@ -270,7 +270,7 @@ def write_trajectory_bag(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m apr_training.datasets.synthetic.handheld OUT --scenes a,b``: render a label-CSV dataset."""
+    """``python -m apr_training.synthetic.handheld OUT --scenes a,b``: render a label-CSV dataset."""
     import argparse
 
     p = argparse.ArgumentParser(description=write_label_dataset.__doc__, prog="handheld")

@@ -245,7 +245,7 @@ def write_dataset(
             w.writerows(rows[split])
     (out / "intrinsics.json").write_text(json.dumps(k.to_dict(width, height), indent=2) + "\n")
     summary = {
-        "generator": "apr_training.datasets.synthetic",
+        "generator": "apr_training.synthetic",
         "scenes": scenes,
         "seed": seed,
         "width": width,

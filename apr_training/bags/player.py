@@ -3,7 +3,7 @@
 ``ros2 bag`` is not installable from PyPI, so this module replaces ``ros2 bag play`` / ``ros2 bag record`` for the
 evaluation tools (``apr-eval-bag live``, ``apr-bench node``) and for users without a full ROS 2 install::
 
-    python -m apr_training.bag_player BAG [--topics /camera/image_raw ...] [--rate 2] [--clock] [--loop]
+    python -m apr_training.bags.player BAG [--topics /camera/image_raw ...] [--rate 2] [--clock] [--loop]
 
 :class:`BagPlayer` reads the bag with the ``rosbags`` reader and publishes the **serialized bytes** as recorded
 (rclpy publishes CDR buffers directly; the rosbags and rclpy CDR encodings are byte-identical), at the recorded
@@ -657,7 +657,7 @@ class RosSession:
 # --------------------------------------------------------------------------------------------- CLI
 def _build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m apr_training.bag_player",
+        prog="python -m apr_training.bags.player",
         description="Play a ROS 2 bag (sqlite3 or mcap, read with rosbags) into live topics at the recorded rate, "
         "like `ros2 bag play`, with LOCALHOST-only discovery.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

@@ -209,7 +209,7 @@ def _cmd_dataset(a: argparse.Namespace, argv: Sequence[str]) -> int:
 
 
 def _cmd_bag(a: argparse.Namespace) -> int:
-    from .. import bagio
+    from ..bags import io as bagio
     from .render import Intrinsics
     from .writer import render_sequence
 
@@ -337,14 +337,14 @@ def _cmd_bench(a: argparse.Namespace) -> int:
 
 
 def _cmd_info(a: argparse.Namespace) -> int:
-    from .. import bagio
+    from ..bags import io as bagio
 
     print(_format_info(bagio.bag_info(a.bag)))
     return 0
 
 
 def _cmd_extract(a: argparse.Namespace) -> int:
-    from ..from_bag import extract_dataset
+    from ..datasets.from_bag import extract_dataset
 
     s = extract_dataset(
         a.bag,

@@ -7,7 +7,7 @@ VENV ?= .venv
 PYTEST_ARGS ?=
 export VENV
 
-.PHONY: help venv tf2_msgs lint test demo clean
+.PHONY: help venv tf2_msgs format lint typecheck test test-unit test-ros test-gpu demo clean
 
 help: ## Show this help.
 	@echo "apr_localizer make targets:"
@@ -20,12 +20,28 @@ venv: ## Create/update the venv: requirements.txt, tf2_msgs (built locally), edi
 tf2_msgs: venv ## Force a rebuild of tf2_msgs into the venv.
 	@scripts/build_tf2_msgs.sh --force
 
-lint: venv ## ruff check of the whole tree (the ament flake8 + pep257 equivalent).
-	$(VENV)/bin/ruff check .
+format: venv ## Format the tree with ruff (and apply ruff's safe fixes).
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
-test: venv ## ruff check, then pytest with the ROS test environment (scripts/run_tests.sh).
+lint: venv ## ruff check (ament flake8 + pep257 rules, ROS import boundary, complexity) and ruff format --check.
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: venv ## mypy on the runtime package apr_localizer (mypy.ini).
+	$(VENV)/bin/mypy
+
+test: lint typecheck ## lint + typecheck, then the whole pytest suite with the ROS test environment.
 	scripts/run_tests.sh $(PYTEST_ARGS)
+
+test-unit: venv ## The quick tier: every test that starts no ROS process and needs no GPU.
+	scripts/run_tests.sh -m "not ros and not gpu" $(PYTEST_ARGS)
+
+test-ros: venv ## The ROS tier: tests with real rclpy node processes (loopback-only network namespace).
+	scripts/run_tests.sh -m "ros and not gpu" $(PYTEST_ARGS)
+
+test-gpu: venv ## The GPU tier: CUDA torch, GPU preprocessing, TensorRT plumbing (skipped without CUDA).
+	scripts/run_tests.sh -m gpu $(PYTEST_ARGS)
 
 demo: ## Render a synthetic test bag, run the node live on it with the bundled model, print accuracy/latency.
 	@scripts/demo.sh

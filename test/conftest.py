@@ -93,7 +93,14 @@ def _discovery_range_guard() -> Iterator[None]:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Skip tests marked ``gpu`` unless CUDA is available (torch is imported only if such tests exist)."""
+    """Mark tests that start ROS processes ``ros``; skip ``gpu`` tests unless CUDA is available.
+
+    A test that uses the ``ros_env`` or ``rclpy_context`` fixture starts rclpy processes or a context, so it belongs to
+    the ROS tier (``make test-ros``) even without an explicit marker; ``make test-unit`` deselects it.
+    """
+    for item in items:
+        if {"ros_env", "rclpy_context"} & set(getattr(item, "fixturenames", ())) and not item.get_closest_marker("ros"):
+            item.add_marker(pytest.mark.ros)
     gpu_items = [item for item in items if item.get_closest_marker("gpu")]
     if not gpu_items:
         return
@@ -128,7 +135,38 @@ def reference_dir() -> Path:
         if os.environ.get("APR_REQUIRE_REFERENCE") == "1":
             pytest.fail(msg, pytrace=False)
         pytest.skip(msg)
+    _verify_reference_manifest(path)
     return path
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _verify_reference_manifest(path: Path) -> None:
+    """Fail (never skip) when a reference file is missing or differs from ``manifest.json``'s sha256."""
+    import json
+
+    manifest = path / "manifest.json"
+    if not manifest.is_file():
+        pytest.fail(f"{manifest} is missing: the parity reference cannot be verified", pytrace=False)
+    expected = json.loads(manifest.read_text())["file_sha256"]
+    bad = [
+        name
+        for name, digest in sorted(expected.items())
+        if not (path / name).is_file() or _sha256(path / name) != digest
+    ]
+    if bad:
+        pytest.fail(
+            f"parity reference files missing or changed (sha256 differs from manifest.json): {', '.join(bad)}",
+            pytrace=False,
+        )
 
 
 def find_console_script(name: str) -> Path:

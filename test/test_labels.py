@@ -41,6 +41,7 @@ def _table(n: int = 6, seed: int = 0) -> LabelTable:
     for i in range(n):
         scene = ["stairs", "chess", "fire"][i % 3]
         q = rng.normal(size=4) * rng.uniform(0.9, 1.1)
+        q = q if q[0] >= 0 else -q  # files hold w >= 0
         rows.append(LabelRow(scene, "train" if i % 2 else "test", f"seq-0{i % 2}", f"{scene}/f{i}.png",
                              tuple(np.r_[rng.normal(size=3) * 10, q].tolist())))  # fmt: skip
     return LabelTable.from_rows(rows)
@@ -182,3 +183,14 @@ def test_take_where_and_from_rows_forms() -> None:
     np.testing.assert_array_equal(built.pose[0], np.arange(1, 8))
     with pytest.raises(ValueError, match="expected 7"):
         LabelTable.from_rows([("a", "t", "s", "p", [1, 2, 3])])
+
+
+def test_negative_w_is_rejected_on_read_and_negated_on_write(tmp_path: Path) -> None:
+    p = _write(tmp_path, f"{HEADER}\n{GOOD}\nfire,train,seq-01,fire/b.png,0.1,0.2,0.3,-0.6,0,0.8,0\n", "neg.csv")
+    with pytest.raises(LabelError) as info:
+        read_labels(p)
+    assert f"row 2 of {p} (line 3)" in str(info.value) and "expected w >= 0" in str(info.value)
+    rows = [LabelRow("fire", "train", "seq-01", "fire/b.png", (0.1, 0.2, 0.3, -0.6, 0.0, 0.8, 0.0))]
+    back = read_labels(write_labels(tmp_path / "fixed.csv", rows))
+    np.testing.assert_array_equal(back.pose[0], [0.1, 0.2, 0.3, 0.6, -0.0, -0.8, -0.0])
+    assert not list(tmp_path.glob(".*.tmp"))  # written atomically, no temporary left

@@ -6,8 +6,9 @@ Format (model_spec.md §4.1), one row per image, columns exactly::
 
 ``img_path`` is relative to the dataset root; ``t1..t3`` is the camera position in the map (metres) and ``q1..q4``
 the camera orientation as a w-first quaternion (camera-to-map, the convention of :mod:`apr_localizer.geometry`).
-Quaternions are kept exactly as written (Cambridge norms range up to 1.043); :meth:`LabelTable.unit_poses` gives
-the normalised view.
+Quaternions are kept exactly as written (Cambridge norms range up to 1.043) but must have ``w >= 0`` (checked on
+read; :func:`write_labels` negates a quaternion with ``w < 0``); :meth:`LabelTable.unit_poses` gives the normalised
+view.
 
 Scene ids: by default the position of the scene among the **sorted** unique scene names of the file (the upstream
 convention). Pass ``scene_names`` (the model's saved scene order) to map names to the model's ids instead; this
@@ -17,6 +18,7 @@ avoids the upstream trap where a single-scene test CSV maps every row to id 0.
 from __future__ import annotations
 
 import csv
+import io
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +27,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from apr_localizer.fileio import atomic_write_text
 from apr_localizer.geometry import quat_normalize
 
 __all__ = [
@@ -207,8 +210,8 @@ def read_labels(
 
     Raises:
         LabelError: wrong header, wrong column count, empty text field, non-numeric or non-finite value, zero
-            quaternion, or a scene outside ``scene_names``; the message names the file and the row (data rows
-            count from 1; the file line is given too).
+            quaternion, a negative ``q1`` (w), or a scene outside ``scene_names``; the message names the file and
+            the row (data rows count from 1; the file line is given too).
         FileNotFoundError: the CSV does not exist.
 
     """
@@ -239,7 +242,13 @@ def read_labels(
                 if name in ("scene", "img_path") and not value:
                     raise LabelError(f"{where}: column {name!r} is empty")
                 cols[name].append(value)
-            poses.append(parse_pose_fields(fields[4:], LABEL_COLUMNS[4:], where))
+            pose = parse_pose_fields(fields[4:], LABEL_COLUMNS[4:], where)
+            if pose[3] < 0:
+                raise LabelError(
+                    f"{where}: q1 (w) is {fields[7].strip()}; expected w >= 0 (q and -q are the same rotation: "
+                    "negate q1..q4, or rewrite the file with write_labels)"
+                )
+            poses.append(pose)
     scenes, ids = resolve_scene_ids(cols["scene"], scene_names, source=path)
     root = Path(dataset_root) if dataset_root is not None else path.parent
     pose = np.asarray(poses, dtype=np.float64).reshape(-1, 7)
@@ -250,20 +259,21 @@ def write_labels(path: str | Path, rows: LabelTable | Iterable[LabelRow | Sequen
     """Write a label CSV with the header :data:`LABEL_COLUMNS`.
 
     ``rows`` is a :class:`LabelTable` or an iterable accepted by :meth:`LabelTable.from_rows`. Floats are written
-    with Python's shortest round-trip repr, so ``read_labels(write_labels(p, t))`` reproduces the poses exactly.
-    Returns the path written.
+    with Python's shortest round-trip repr, so ``read_labels(write_labels(p, t))`` reproduces the poses exactly; a
+    quaternion with ``w < 0`` is written negated (the same rotation), so every file has ``w >= 0``. The file is
+    replaced atomically. Returns the path written.
     """
     path = Path(path)
     table = rows if isinstance(rows, LabelTable) else LabelTable.from_rows(rows)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f, lineterminator="\n")
-        w.writerow(LABEL_COLUMNS)
-        for i in range(len(table)):
-            w.writerow(
-                [table.scene[i], table.split[i], table.seq[i], table.img_path[i]]
-                + [repr(float(v)) for v in table.pose[i]]
-            )
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(LABEL_COLUMNS)
+    for i in range(len(table)):
+        pose = table.pose[i].copy()
+        if pose[3] < 0:
+            pose[3:] = -pose[3:]
+        w.writerow([table.scene[i], table.split[i], table.seq[i], table.img_path[i]] + [repr(float(v)) for v in pose])
+    atomic_write_text(path, buf.getvalue())
     return path
 
 

@@ -7,11 +7,20 @@ config. The efficientnet_pytorch backbone names are mapped to torchvision's (inf
 Our format is one ``.safetensors`` file holding every component (``apr.*``, ``iapr.*``, ``pae.*``) with a JSON
 document in the header metadata (key ``apr_localizer``): architecture configs, scene names, preprocessing,
 provenance. No pickle anywhere.
+
+Hostile files: a safetensors header is read by :func:`read_safetensors_header`, which checks the 8-byte header length
+against the file size and :data:`MAX_HEADER_BYTES` before reading it, and every tensor's dtype, shape and offsets
+against the file before any tensor is allocated. :func:`load_model` then builds the described models on the ``meta``
+device (no memory) and compares their parameter shapes with the file's, so metadata that describes a huge model is
+refused in milliseconds. Every problem is a :class:`CheckpointError` with one sentence; strings taken from a file are
+truncated and escaped (:func:`apr_localizer.imaging.quote`). Writes go through :mod:`apr_localizer.fileio` (temporary
+file, fsync, rename), and temporaries left by a killed writer are removed on the next save or load.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -22,6 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .fileio import atomic_path, clean_stale_tmp
+from .imaging import quote
 from .models.backbone import NUM_STAGES, unused_official_backbone_keys
 from .models.ms_transformer import MSTransformer, MSTransformerConfig
 from .models.pae import PAEConfig, PoseAutoEncoder
@@ -30,8 +41,10 @@ from .models.rpr import IAPR, IAPRConfig
 __all__ = [
     "DEFAULT_PREPROCESS",
     "FORMAT_VERSION",
+    "MAX_HEADER_BYTES",
     "CheckpointError",
     "ModelBundle",
+    "TensorInfo",
     "default_scene_names",
     "detect_kind",
     "from_official_state_dict",
@@ -40,9 +53,12 @@ __all__ = [
     "load_official_checkpoint",
     "read_json_metadata",
     "read_metadata",
+    "read_safetensors",
+    "read_safetensors_header",
     "save_model",
     "save_official_checkpoint",
     "to_official_state_dict",
+    "write_safetensors",
 ]
 
 FORMAT_VERSION = 1
@@ -59,6 +75,15 @@ CAMBRIDGE_FOUR = ["KingsCollege", "OldHospital", "ShopFacade", "StMarysChurch"]
 
 class CheckpointError(ValueError):
     """A model file is missing, unreadable, or not what was expected (the message is one sentence)."""
+
+
+def _reason(exc: BaseException, limit: int = 160) -> str:
+    """First line of an exception message, cut and with control characters escaped (it may quote the file)."""
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    if len(line) > limit:
+        line = line[:limit] + "..."
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in line)
 
 
 # ------------------------------------------------------------------------------------------- backbone name mapping
@@ -117,8 +142,10 @@ def detect_kind(state_dict: Mapping[str, Any]) -> str:
         return "iapr"
     if "query_embed_t.weight" in keys and "scene_embed.weight" in keys:
         return "ms_transformer"
-    if "x_encoder.0.weight" in keys and "q_encoder.0.weight" in keys and all(
-        k.startswith(("x_encoder.", "q_encoder.")) for k in keys
+    if (
+        "x_encoder.0.weight" in keys
+        and "q_encoder.0.weight" in keys
+        and all(k.startswith(("x_encoder.", "q_encoder.")) for k in keys)
     ):
         return "pae"
     return ""
@@ -188,7 +215,7 @@ def _official_to_ours_ms(sd: Mapping[str, torch.Tensor], p: str, out_p: str, out
             tv = _map_name(name[len("backbone.0.body.") :], _EFF2TV)
             if tv is None:
                 raise CheckpointError(
-                    f"{source}: unknown EfficientNet-B0 key '{k}' (expected efficientnet_pytorch names)"
+                    f"{source}: unknown EfficientNet-B0 key {quote(k)} (expected efficientnet_pytorch names)"
                 )
             if _tv_key_is_used(tv):
                 out[out_p + "backbone." + tv] = v
@@ -202,6 +229,17 @@ def _official_to_ours_ms(sd: Mapping[str, torch.Tensor], p: str, out_p: str, out
 def from_official_state_dict(sd: Mapping[str, torch.Tensor], source: str = "state_dict") -> nn.Module:
     """Build our model (eval mode) from an official raw state_dict; the kind and depths come from the keys."""
     kind = detect_kind(sd)
+    try:
+        return _from_official(sd, kind, source)
+    except CheckpointError:
+        raise
+    except Exception as e:  # shapes that do not fit the layout the keys announce (IndexError, RuntimeError, ...)
+        raise CheckpointError(
+            f"{source}: the tensor shapes do not describe a valid {kind or 'model'} ({_reason(e)})"
+        ) from None
+
+
+def _from_official(sd: Mapping[str, torch.Tensor], kind: str, source: str) -> nn.Module:
     ours: dict[str, torch.Tensor] = {}
     if kind == "ms_transformer":
         model: nn.Module = MSTransformer(_infer_ms_config(sd))
@@ -214,7 +252,7 @@ def from_official_state_dict(sd: Mapping[str, torch.Tensor], source: str = "stat
         _official_to_ours_ms(sd, "mstransformer.", "mstransformer.", ours, source)
         ours.update({k: v for k, v in sd.items() if not k.startswith("mstransformer.")})
     else:
-        sample = ", ".join(sorted(sd)[:4])
+        sample = ", ".join(quote(k) for k in sorted(sd)[:4])
         raise CheckpointError(
             f"{source}: not an MS-Transformer, pose auto-encoder or iAPR state_dict (expected keys such as "
             f"'query_embed_t.weight', 'x_encoder.0.weight' or 'rel_x_token'; found {sample}, ...)"
@@ -223,24 +261,28 @@ def from_official_state_dict(sd: Mapping[str, torch.Tensor], source: str = "stat
     return model.eval()
 
 
-def _load_strict(model: nn.Module, sd: Mapping[str, torch.Tensor], source: str) -> None:
-    own = model.state_dict()
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
+def _check_shapes(
+    expected: Mapping[str, tuple[int, ...]], found: Mapping[str, tuple[int, ...]], what: str, source: str
+) -> None:
+    """Raise CheckpointError unless ``found`` has exactly the keys and shapes of ``expected``."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
     if missing or unexpected:
         parts = []
         if missing:
             parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
         if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
-        raise CheckpointError(
-            f"{source}: keys do not match the {type(model).__name__} they describe: {'; '.join(parts)}"
-        )
-    for k, v in sd.items():
-        if tuple(v.shape) != tuple(own[k].shape):
-            raise CheckpointError(
-                f"{source}: tensor '{k}' has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}"
-            )
+            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(quote(k) for k in unexpected[:3])})")
+        raise CheckpointError(f"{source}: keys do not match the {what} they describe: {'; '.join(parts)}")
+    for k, shape in found.items():
+        if tuple(shape) != tuple(expected[k]):
+            raise CheckpointError(f"{source}: tensor '{k}' has shape {tuple(shape)}, expected {tuple(expected[k])}")
+
+
+def _load_strict(model: nn.Module, sd: Mapping[str, torch.Tensor], source: str) -> None:
+    own = model.state_dict()
+    expected = {k: tuple(v.shape) for k, v in own.items()}
+    _check_shapes(expected, {k: tuple(v.shape) for k, v in sd.items()}, type(model).__name__, source)
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()}, strict=True)
 
 
@@ -250,9 +292,8 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt zip, pickled classes, not a torch file at all
-        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         raise CheckpointError(
-            f"{path}: cannot be read as a raw PyTorch state_dict with weights_only=True ({reason})"
+            f"{path}: cannot be read as a raw PyTorch state_dict with weights_only=True ({_reason(e)})"
         ) from None
     if isinstance(obj, Mapping):
         for wrapper in ("state_dict", "model_state_dict", "model"):
@@ -261,6 +302,8 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
                 break
     if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path}: expected a state_dict (a mapping of parameter names to tensors)")
+    if len(obj) > MAX_TENSORS:
+        raise CheckpointError(f"{path}: holds {len(obj)} tensors; a model has at most {MAX_TENSORS}")
     sd = {str(k): v for k, v in obj.items()}
     if all(k.startswith("module.") for k in sd):  # saved from DataParallel / DDP
         sd = {k[len("module.") :]: v for k, v in sd.items()}
@@ -318,8 +361,130 @@ def to_official_state_dict(model: nn.Module) -> OrderedDict:
 def save_official_checkpoint(model: nn.Module, path: str | Path) -> Path:
     """``torch.save`` of :func:`to_official_state_dict` (loadable by the original code and by us)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(to_official_state_dict(model), str(path))
+    clean_stale_tmp(path.parent, name=path.name)
+    with atomic_path(path) as tmp:
+        torch.save(to_official_state_dict(model), str(tmp))
+    return path
+
+
+# ------------------------------------------------------------------------------------------- safetensors files
+MAX_HEADER_BYTES = 8 * 1024 * 1024
+"""Largest safetensors JSON header we read (our bundles need about 100 KB: one entry per tensor plus metadata)."""
+MAX_TENSORS = 100_000
+"""Most tensors a model file may hold (an MS-Transformer + iAPR bundle has about 1,300)."""
+_ST_DTYPE_BYTES: dict[str, int] = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor entry of a safetensors header: dtype name, shape and byte range in the data section."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def _header_json(path: Path) -> tuple[dict[str, Any], int]:
+    """Return the parsed JSON header of a safetensors file and the size of its data section (bounded reads)."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such model file")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: not a readable safetensors file (only {size} bytes, no header length)")
+        n = int.from_bytes(head, "little")
+        if n > size - 8 or n > MAX_HEADER_BYTES or n < 2:
+            raise CheckpointError(
+                f"{path}: not a readable safetensors file (its header length {n} does not fit a {size}-byte file "
+                f"and the {MAX_HEADER_BYTES}-byte limit)"
+            )
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file (invalid JSON header: {_reason(e)})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a readable safetensors file (the header is not a JSON object)")
+    return header, size - 8 - n
+
+
+def _tensor_info(name: str, entry: Any, data_size: int, path: Path) -> TensorInfo:
+    """Validate one header entry: known dtype, non-negative shape, offsets inside the data that match the shape."""
+    bad = f"{path}: not a readable safetensors file (tensor {quote(name)}"
+    if not isinstance(entry, dict) or entry.get("dtype") not in _ST_DTYPE_BYTES:
+        raise CheckpointError(f"{bad} has no supported dtype)")
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(shape, list) or len(shape) > 8 or not all(type(d) is int and d >= 0 for d in shape):
+        raise CheckpointError(f"{bad} has an invalid shape {quote(shape)})")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+        raise CheckpointError(f"{bad} has invalid data offsets {quote(offsets)})")
+    begin, end = offsets
+    nbytes = math.prod(shape) * _ST_DTYPE_BYTES[entry["dtype"]]
+    if not 0 <= begin <= end <= data_size or end - begin != nbytes:
+        raise CheckpointError(
+            f"{bad} declares {nbytes} bytes at offsets {begin}..{end}, outside the {data_size}-byte data section "
+            "or of the wrong length)"
+        )
+    return TensorInfo(entry["dtype"], tuple(shape), begin, end)
+
+
+def read_safetensors_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Read and validate a safetensors header: ``({name: TensorInfo}, metadata)``; no tensor is read.
+
+    The header length is checked against the file size and :data:`MAX_HEADER_BYTES` before the header is read;
+    every tensor's byte range must lie inside the data section, match its shape and dtype, and not overlap another.
+
+    Raises:
+        CheckpointError: missing file, or anything that is not a well-formed safetensors header.
+    """
+    path = Path(path)
+    header, data_size = _header_json(path)
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise CheckpointError(f"{path}: not a readable safetensors file (__metadata__ is not a string-to-string map)")
+    if len(header) > MAX_TENSORS:
+        raise CheckpointError(f"{path}: holds {len(header)} tensors; a model has at most {MAX_TENSORS}")
+    infos = {str(k): _tensor_info(str(k), v, data_size, path) for k, v in header.items()}
+    spans = sorted((i.begin, i.end) for i in infos.values() if i.end > i.begin)
+    if any(b < prev_end for (_, prev_end), (b, _) in zip(spans, spans[1:])):
+        raise CheckpointError(f"{path}: not a readable safetensors file (tensor data ranges overlap)")
+    return infos, meta
+
+
+def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Validate the header (:func:`read_safetensors_header`), then load every tensor on the CPU.
+
+    Returns ``(tensors, metadata)``. The tensors' total size is at most the file size.
+    """
+    from safetensors.torch import load_file
+
+    infos, meta = read_safetensors_header(path)
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot read the tensors ({_reason(e, 120)})") from None
+    if set(tensors) != set(infos):
+        raise CheckpointError(f"{path}: the tensors changed while the file was being read")
+    return tensors, meta
+
+
+def write_safetensors(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> Path:
+    """Write a safetensors file atomically (:func:`apr_localizer.fileio.atomic_path`).
+
+    Temporaries that a killed writer left beside ``path`` are removed first; concurrent writers of the same path are
+    not supported.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    clean_stale_tmp(path.parent, name=path.name)
+    with atomic_path(path) as tmp:
+        save_file(dict(tensors), str(tmp), metadata=dict(metadata))
     return path
 
 
@@ -381,10 +546,9 @@ def save_model(
 ) -> Path:
     """Write a model bundle as one safetensors file with JSON metadata. ``dtype=torch.float16`` halves the size.
 
-    BatchNorm counters and other integer buffers keep their dtype.
+    BatchNorm counters and other integer buffers keep their dtype. The write is atomic (see
+    :func:`write_safetensors`): a reader sees the old file or the new one.
     """
-    from safetensors.torch import save_file
-
     bundle = ModelBundle(apr, iapr, pae, list(scene_names or []), dict(preprocess or DEFAULT_PREPROCESS))
     shares = bundle.shares_encoder
     tensors: dict[str, torch.Tensor] = {}
@@ -414,92 +578,163 @@ def save_model(
         "dtype": str(dtype).replace("torch.", ""),
         "provenance": dict(provenance or {}),
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(meta)})
-    return path
+    return write_safetensors(path, tensors, {METADATA_KEY: json.dumps(meta)})
 
 
 def read_json_metadata(path: str | Path, key: str, what: str = "model") -> dict[str, Any] | None:
     """Return the JSON document stored under ``key`` in a safetensors header (None when there is none).
 
-    Reads only the header. A missing or unreadable file, or invalid JSON, raises :class:`CheckpointError`.
+    Reads only the (validated, size-bounded) header. A missing or unreadable file, or invalid JSON, raises
+    :class:`CheckpointError`.
     """
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such {what} file")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get(key)
-    except Exception as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({str(e)[:120]})") from None
+    return _json_metadata(read_safetensors_header(path)[1], key, path)
+
+
+def _json_metadata(meta: Mapping[str, str], key: str, path: Path) -> dict[str, Any] | None:
+    raw = meta.get(key)
     if raw is None:
         return None
     try:
-        return json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: corrupt {key} metadata ({e})") from None
+        doc = json.loads(raw)
+    except (ValueError, RecursionError) as e:
+        raise CheckpointError(f"{path}: corrupt {key} metadata ({_reason(e)})") from None
+    if not isinstance(doc, dict):
+        raise CheckpointError(f"{path}: corrupt {key} metadata (a JSON object was expected)")
+    return doc
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
     """Read the JSON metadata of one of our model files (cheap: reads only the header)."""
-    meta = read_json_metadata(path, METADATA_KEY)
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such model file")
+    return _our_metadata(read_safetensors_header(path)[1], path)
+
+
+def _our_metadata(st_meta: Mapping[str, str], path: Path) -> dict[str, Any]:
+    meta = _json_metadata(st_meta, METADATA_KEY, path)
     if meta is None:
         raise CheckpointError(f"{path}: safetensors file without apr_localizer metadata (not written by save_model)")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
+    version = meta.get("format_version", 0)
+    if type(version) is not int:
+        raise CheckpointError(f"{path}: model format version {quote(version)} is not an integer")
+    if version > FORMAT_VERSION:
         raise CheckpointError(
-            f"{path}: model format version {meta.get('format_version')} is newer than this apr_localizer supports "
-            f"({FORMAT_VERSION})"
+            f"{path}: model format version {version} is newer than this apr_localizer supports ({FORMAT_VERSION})"
         )
     return meta
 
 
+STALE_TMP_AGE_S = 60.0
+"""Temporaries of a model file older than this are removed when the file is loaded (a writer takes < 1 s)."""
+
+
+def _check_counts(doc: Any, limit: int, path: Path, where: str = "config") -> None:
+    """Layer and scene counts must not exceed the number of tensors (each layer and head owns several)."""
+    if not isinstance(doc, dict):
+        raise CheckpointError(f"{path}: invalid model description ({where} is not a JSON object)")
+    for k, v in doc.items():
+        if isinstance(v, dict):
+            _check_counts(v, limit, path, f"{where}.{k}")
+        elif (k.endswith("_layers") or k == "num_scenes") and type(v) is int and v > limit:
+            raise CheckpointError(
+                f"{path}: invalid model description ({where}.{k} = {v} exceeds the {limit} tensors in the file)"
+            )
+
+
+def _build(comps: Mapping[str, Any], path: Path) -> tuple[MSTransformer, IAPR | None, PoseAutoEncoder | None]:
+    """Construct the models a ``components`` document describes (on the current default device)."""
+    if not isinstance(comps, dict) or not isinstance(comps.get("apr"), dict):
+        raise CheckpointError(f"{path}: the model file has no APR (MS-Transformer) component")
+    apr = MSTransformer(MSTransformerConfig.from_dict(comps["apr"]["config"]))
+    iapr = pae = None
+    if "iapr" in comps:
+        shares = bool(comps["iapr"].get("shares_apr_encoder"))
+        iapr = IAPR(IAPRConfig.from_dict(comps["iapr"]["config"]), apr if shares else None)
+    if "pae" in comps:
+        pae = PoseAutoEncoder(PAEConfig.from_dict(comps["pae"]["config"]))
+    return apr, iapr, pae
+
+
+def _expected_shapes(
+    models: tuple[MSTransformer, IAPR | None, PoseAutoEncoder | None],
+) -> dict[str, dict[str, tuple[int, ...]]]:
+    """``{prefix: {key: shape}}`` of the tensors a bundle file holds for these models (shared encoder stored once)."""
+    apr, iapr, pae = models
+    out = {"apr.": {k: tuple(v.shape) for k, v in apr.state_dict().items()}}
+    if iapr is not None:
+        skip = "mstransformer." if iapr.mstransformer is apr else None
+        out["iapr."] = {k: tuple(v.shape) for k, v in iapr.state_dict().items() if not (skip and k.startswith(skip))}
+    if pae is not None:
+        out["pae."] = {k: tuple(v.shape) for k, v in pae.state_dict().items()}
+    return out
+
+
+def _dry_run(comps: Mapping[str, Any], infos: Mapping[str, TensorInfo], path: Path) -> None:
+    """Build the described models on the ``meta`` device (no memory) and compare their shapes with the file's."""
+    _check_counts(comps, len(infos), path, "components")
+    try:
+        with torch.device("meta"):
+            models = _build(comps, path)
+    except CheckpointError:
+        raise
+    except Exception as e:  # bad types, impossible sizes, assertions inside torch modules
+        raise CheckpointError(f"{path}: invalid model description ({type(e).__name__}: {_reason(e)})") from None
+    for prefix, expected in _expected_shapes(models).items():
+        found = {k[len(prefix) :]: i.shape for k, i in infos.items() if k.startswith(prefix)}
+        _check_shapes(expected, found, prefix.rstrip("."), f"{path} [{prefix.rstrip('.')}]")
+
+
+def _scene_names(meta: Mapping[str, Any], path: Path) -> list[str]:
+    names = meta.get("scene_names") or []
+    if not isinstance(names, list) or not all(isinstance(n, str) and 0 < len(n) <= 128 for n in names):
+        raise CheckpointError(f"{path}: scene_names must be a list of 1..128-character strings")
+    if not all(n.isprintable() for n in names):
+        raise CheckpointError(f"{path}: scene_names contain control characters")
+    return list(names)
+
+
 def load_model(path: str | Path) -> ModelBundle:
-    """Load a bundle written by :func:`save_model` (models in eval mode, float32)."""
-    from safetensors.torch import load_file
+    """Load a bundle written by :func:`save_model` (models in eval mode, float32).
+
+    The header is validated and the described models are checked against it on the ``meta`` device before any
+    weight memory is allocated; stale temporaries of ``path`` (older than :data:`STALE_TMP_AGE_S`) are removed.
+
+    Raises:
+        CheckpointError: one sentence for any missing, malformed, hostile or mismatching file.
+    """
+    from .preprocess import PreprocessConfig
 
     path = Path(path)
-    meta = read_metadata(path)
-    try:
-        tensors = load_file(str(path))
-    except Exception as e:
-        raise CheckpointError(f"{path}: cannot read the tensors ({str(e)[:120]})") from None
+    clean_stale_tmp(path.parent, name=path.name, older_than_s=STALE_TMP_AGE_S)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such model file")
+    infos, st_meta = read_safetensors_header(path)
+    meta = _our_metadata(st_meta, path)
     comps = meta.get("components", {})
-    if "apr" not in comps:
-        raise CheckpointError(f"{path}: the model file has no APR (MS-Transformer) component")
-
-    def part(prefix: str) -> dict[str, torch.Tensor]:
-        return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-
+    _dry_run(comps, infos, path)
+    scene_names = _scene_names(meta, path)
+    preprocess = meta.get("preprocess") or DEFAULT_PREPROCESS
+    provenance = meta.get("provenance") or {}
     try:
-        apr = MSTransformer(MSTransformerConfig.from_dict(comps["apr"]["config"]))
-        _load_strict(apr, part("apr."), f"{path} [apr]")
-        iapr = None
-        if "iapr" in comps:
-            shares = bool(comps["iapr"].get("shares_apr_encoder"))
-            iapr = IAPR(IAPRConfig.from_dict(comps["iapr"]["config"]), apr if shares else None)
-            sd = part("iapr.")
-            if shares:
-                sd.update({"mstransformer." + k: v for k, v in apr.state_dict().items()})
-            _load_strict(iapr, sd, f"{path} [iapr]")
-        pae = None
-        if "pae" in comps:
-            pae = PoseAutoEncoder(PAEConfig.from_dict(comps["pae"]["config"]))
-            _load_strict(pae, part("pae."), f"{path} [pae]")
-    except (ValueError, TypeError, KeyError) as e:
-        if isinstance(e, CheckpointError):
-            raise
-        raise CheckpointError(f"{path}: invalid model description ({e})") from None
-    bundle = ModelBundle(
-        apr=apr,
-        iapr=iapr,
-        pae=pae,
-        scene_names=list(meta.get("scene_names") or []),
-        preprocess=dict(meta.get("preprocess") or DEFAULT_PREPROCESS),
-        provenance=dict(meta.get("provenance") or {}),
-    )
+        PreprocessConfig.from_dict(preprocess)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: invalid preprocess metadata ({_reason(e)})") from None
+    if not isinstance(provenance, dict):
+        raise CheckpointError(f"{path}: provenance metadata is not a JSON object")
+    tensors, _ = read_safetensors(path)
+    apr, iapr, pae = _build(comps, path)
+    for prefix, model in (("apr.", apr), ("iapr.", iapr), ("pae.", pae)):
+        if model is None:
+            continue
+        sd = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if model is iapr and iapr.mstransformer is apr:
+            sd.update({"mstransformer." + k: v for k, v in apr.state_dict().items()})
+        _load_strict(model, sd, f"{path} [{prefix.rstrip('.')}]")
+    bundle = ModelBundle(apr, iapr, pae, scene_names, dict(preprocess), dict(provenance))
     return bundle.eval()
 
 

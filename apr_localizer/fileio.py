@@ -15,6 +15,7 @@ killed writer are removed by :func:`clean_stale_tmp` (called by the caches and t
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import shutil
 import tempfile
@@ -122,15 +123,19 @@ def atomic_write_text(path: str | Path, text: str, *, encoding: str = "utf-8", f
     atomic_write_bytes(path, text.encode(encoding), fsync=fsync)
 
 
-def clean_stale_tmp(directory: str | Path, *, older_than_s: float = 0.0, recursive: bool = False) -> list[Path]:
+def clean_stale_tmp(
+    directory: str | Path, *, older_than_s: float = 0.0, recursive: bool = False, name: str | None = None
+) -> list[Path]:
     """Remove ``.<name>.*.tmp`` files/directories left by killed writers; returns what was removed.
 
     ``older_than_s`` keeps temporaries younger than that (a writer in another process may still be using them).
+    ``name`` limits the cleanup to the temporaries of one destination file name (those of :func:`atomic_path`).
     """
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    pattern = "**/.*" + TMP_SUFFIX if recursive else ".*" + TMP_SUFFIX
+    stem = "." if name is None else f".{glob.escape(name)}."
+    pattern = f"**/{stem}*{TMP_SUFFIX}" if recursive else f"{stem}*{TMP_SUFFIX}"
     now = time.time()
     removed = []
     for p in sorted(directory.glob(pattern)):

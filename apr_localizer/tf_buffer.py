@@ -4,10 +4,16 @@ Used by the node (extrinsics, odom→base at the image stamp) and by the bag too
 frame has one parent edge; dynamic edges are interpolated (linear translation, slerp rotation), static edges hold one
 transform. Poses are ``[x, y, z, qw, qx, qy, qz]`` (w-first, :mod:`apr_localizer.geometry`); ``lookup(target, source)``
 returns ``target <- source`` (the source frame's pose in the target frame).
+
+For a running node: ``cache_s`` bounds the history of dynamic edges (like tf2's cache time),
+:meth:`TfBuffer.lookup_latest` looks up at the newest stamp every edge of the chain has, and
+:meth:`TfBuffer.parents_of` tells every parent a frame was ever given (a second parent means two publishers
+disagree about the tree). All methods are thread-safe.
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import numpy as np
@@ -30,9 +36,10 @@ def _stamp_ns(stamp: Any) -> int:
 class _Edge:
     """Transforms ``parent <- child`` over time (sorted on demand)."""
 
-    def __init__(self, parent: str, static: bool):
+    def __init__(self, parent: str, static: bool, cache_ns: int | None = None):
         self.parent = parent
         self.static = static
+        self.cache_ns = cache_ns
         self._t: list[int] = []
         self._p: list[np.ndarray] = []
         self._arrays: tuple[np.ndarray, np.ndarray] | None = None
@@ -43,7 +50,23 @@ class _Edge:
         else:
             self._t.append(t_ns)
             self._p.append(pose)
+            if self.cache_ns is not None and len(self._t) % 32 == 0:
+                self._prune()
         self._arrays = None
+
+    def _prune(self) -> None:
+        """Drop samples older than the newest one minus the cache time (keeping at least two)."""
+        assert self.cache_ns is not None
+        horizon = max(self._t) - self.cache_ns
+        keep = [i for i, t in enumerate(self._t) if t >= horizon]
+        if len(keep) < 2:
+            keep = sorted(range(len(self._t)), key=self._t.__getitem__)[-2:]
+        self._t = [self._t[i] for i in keep]
+        self._p = [self._p[i] for i in keep]
+
+    def latest(self) -> int:
+        """Newest stamp (ns) of a dynamic edge; a static edge returns the largest int64 (valid at any time)."""
+        return int(np.iinfo(np.int64).max) if self.static else int(self.arrays()[0][-1])
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
         if self._arrays is None:
@@ -80,8 +103,11 @@ class _Edge:
 class TfBuffer:
     """A minimal TF buffer: the frame tree from ``/tf`` and ``/tf_static``, looked up at arbitrary stamps."""
 
-    def __init__(self) -> None:
+    def __init__(self, cache_s: float | None = None) -> None:
         self._edges: dict[str, _Edge] = {}  # keyed by child frame
+        self._parents: dict[str, set[str]] = {}  # every parent each child frame was ever given
+        self._cache_ns = None if cache_s is None else int(round(cache_s * 1e9))
+        self._lock = threading.RLock()
 
     @staticmethod
     def _clean(frame: str) -> str:
@@ -90,17 +116,31 @@ class TfBuffer:
     @property
     def frames(self) -> set[str]:
         """All frame names (parents and children)."""
-        return set(self._edges) | {e.parent for e in self._edges.values()}
+        with self._lock:
+            return set(self._edges) | {e.parent for e in self._edges.values()}
+
+    def parents_of(self, child: str) -> set[str]:
+        """Every parent frame that ``child`` has been given (more than one: the tree had conflicting publishers)."""
+        with self._lock:
+            return set(self._parents.get(self._clean(child), ()))
+
+    def parent(self, child: str) -> str | None:
+        """Return the current parent of ``child`` (None for a root or an unknown frame)."""
+        with self._lock:
+            edge = self._edges.get(self._clean(child))
+            return None if edge is None else edge.parent
 
     def add_transform(self, parent: str, child: str, t_ns: int, pose, static: bool = False) -> None:
         """Record ``parent <- child`` (the child's pose in the parent frame) at ``t_ns``."""
         parent, child = self._clean(parent), self._clean(child)
         if parent == child:
             raise ValueError(f"transform from frame {parent!r} to itself")
-        edge = self._edges.get(child)
-        if edge is None or edge.parent != parent or edge.static != static:
-            edge = self._edges[child] = _Edge(parent, static)
-        edge.add(int(t_ns), np.asarray(pose, dtype=np.float64).reshape(7))
+        with self._lock:
+            self._parents.setdefault(child, set()).add(parent)
+            edge = self._edges.get(child)
+            if edge is None or edge.parent != parent or edge.static != static:
+                edge = self._edges[child] = _Edge(parent, static, self._cache_ns)
+            edge.add(int(t_ns), np.asarray(pose, dtype=np.float64).reshape(7))
 
     def add_message(self, msg: Any, static: bool = False) -> None:
         """Add every ``TransformStamped`` of a ``tf2_msgs/TFMessage``."""
@@ -144,7 +184,10 @@ class TfBuffer:
 
         Raises ``LookupError`` if the frames are unknown or not connected.
         """
-        target, source = self._clean(target), self._clean(source)
+        with self._lock:
+            return self._lookup(self._clean(target), self._clean(source), stamps, tolerance_s)
+
+    def _lookup(self, target: str, source: str, stamps, tolerance_s: float) -> tuple[np.ndarray, np.ndarray]:
         stamps = np.atleast_1d(np.asarray(stamps, dtype=np.int64))
         known = self.frames
         for f in (target, source):
@@ -154,7 +197,7 @@ class TfBuffer:
         common = next((f for f in cs if f in set(ct)), None)
         if common is None:
             raise LookupError(f"TF frames {target!r} and {source!r} are not connected (roots {ct[-1]!r}, {cs[-1]!r})")
-        tol = int(round(tolerance_s * 1e9))
+        tol = int(round(min(tolerance_s, 9.0e9) * 1e9))  # inf: any sample
         a_src, v1 = self._to_ancestor(cs, common, stamps, tol)  # common <- source
         a_tgt, v2 = self._to_ancestor(ct, common, stamps, tol)  # common <- target
         return pose_compose(pose_inverse(a_tgt), a_src), v1 & v2
@@ -166,8 +209,30 @@ class TfBuffer:
             raise LookupError(f"no TF {target} <- {source} within {tolerance_s} s of t={t_ns} ns")
         return pose[0]
 
+    def lookup_latest(self, target: str, source: str) -> tuple[np.ndarray, int]:
+        """Pose ``(7,)`` of ``source`` in ``target`` at the newest stamp every dynamic edge between them has.
+
+        Returns ``(pose, stamp_ns)`` (stamp 0 when every edge is static); raises ``LookupError`` like :meth:`lookup`.
+        """
+        with self._lock:
+            target, source = self._clean(target), self._clean(source)
+            if target == source:
+                return np.array([0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0]), 0
+            self._lookup(target, source, [0], float("inf"))  # raises LookupError for unknown/unconnected frames
+            ct, cs = self._chain(target), self._chain(source)
+            common = next(f for f in cs if f in set(ct))
+            edges = [self._edges[f] for chain in (cs, ct) for f in chain[: chain.index(common)]]
+            stamp = min((e.latest() for e in edges), default=0)
+            stamp = 0 if stamp == np.iinfo(np.int64).max else stamp
+            pose, _ = self._lookup(target, source, [stamp], float("inf"))
+            return pose[0], int(stamp)
+
     def stamps(self, target: str, source: str) -> np.ndarray:
         """Sorted stamps (ns) of the dynamic edges on the chain between the frames (empty if all static)."""
+        with self._lock:
+            return self._stamps(target, source)
+
+    def _stamps(self, target: str, source: str) -> np.ndarray:
         ct, cs = self._chain(self._clean(target)), self._chain(self._clean(source))
         common = next((f for f in cs if f in set(ct)), None)
         out = []

@@ -23,9 +23,9 @@ K = Intrinsics.from_hfov(W, H, 60.0)
 
 
 @pytest.fixture(scope="module")
-def frames() -> list[bagio.BagFrame]:
+def frames() -> list[bagio.PosedImage]:
     return [
-        bagio.BagFrame(T0 + i * PERIOD, rgb, pose)
+        bagio.PosedImage(T0 + i * PERIOD, rgb, pose)
         for i, (_, pose, rgb) in enumerate(render_sequence("office", 9, 5, W, H, fps=10.0))
     ]
 

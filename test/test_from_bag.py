@@ -12,7 +12,8 @@ from PIL import Image
 from apr_localizer import geometry
 from apr_localizer.imaging import decode_compressed, encode_compressed
 from apr_training.bags import io as bagio
-from apr_training.datasets.from_bag import ExtractError, extract_dataset, parse_gt_source
+from apr_training.bags.ground_truth import parse_spec
+from apr_training.datasets.from_bag import ExtractError, extract_dataset
 from apr_training.datasets.labels import read_labels
 from apr_training.synthetic.cli import synth_main
 from apr_training.synthetic.render import Intrinsics
@@ -31,9 +32,9 @@ def traj():
 
 
 @pytest.fixture(scope="module")
-def frames() -> list[bagio.BagFrame]:
+def frames() -> list[bagio.PosedImage]:
     return [
-        bagio.BagFrame(T0 + i * PERIOD, rgb, pose)
+        bagio.PosedImage(T0 + i * PERIOD, rgb, pose)
         for i, (_, pose, rgb) in enumerate(render_sequence("library", 4, N, W, H, fps=10.0))
     ]
 
@@ -114,7 +115,7 @@ def test_tf_only_ground_truth_at_another_rate(tmp_path, frames, traj, storage):
     _check_rows(out, _read_csv(out / "lib_train.csv"), frames, jpeg=95)
 
     # images between TF samples: interpolated, close to the true continuous trajectory
-    shifted = [bagio.BagFrame(f.stamp_ns + 7_000_000, f.rgb, None) for f in frames[:-1]]
+    shifted = [bagio.PosedImage(f.stamp_ns + 7_000_000, f.rgb, None) for f in frames[:-1]]
     bag2 = tmp_path / "tf_shifted"
     bagio.write_bag(bag2, shifted, storage, intrinsics=K, pose_topic=None, tf="camera", tf_poses=tf_poses)
     s = extract_dataset(bag2, out, "/camera/image_raw", "tf:map->camera_optical", "shift", test_fraction=0.0)
@@ -174,7 +175,7 @@ def test_clear_errors(tmp_path, frames):
         extract_dataset(bag, out, "/camera/image_raw/compressed", "odom:/ground_truth/pose", "x")
     with pytest.raises(ExtractError, match="TF has no frame 'cam'"):
         extract_dataset(bag, out, "/camera/image_raw/compressed", "tf:map->cam", "x")
-    with pytest.raises(ValueError, match="gt_source 'pose' is not understood"):
+    with pytest.raises(ValueError, match="ground truth 'pose' is not understood"):
         extract_dataset(bag, out, "/camera/image_raw/compressed", "pose", "x")
     with pytest.raises(ValueError, match="scene_name 'a/b' must be a plain name"):
         extract_dataset(bag, out, "/camera/image_raw/compressed", "pose:/ground_truth/pose", "a/b")
@@ -195,14 +196,14 @@ def test_clear_errors(tmp_path, frames):
     assert s["matched"] == 3
 
 
-def test_parse_gt_source():
-    assert parse_gt_source("pose:/a/b").topic == "/a/b"
-    assert parse_gt_source("odom:/odom").kind == "odom"
-    src = parse_gt_source("tf: map -> camera_link")
+def test_parse_spec():
+    assert parse_spec("pose:/a/b").topic == "/a/b"
+    assert parse_spec("odom:/odom").kind == "odom"
+    src = parse_spec("tf: map -> camera_link")
     assert (src.kind, src.parent, src.child) == ("tf", "map", "camera_link")
     for bad in ("tf:map", "foo:/x", "pose:", ""):
         with pytest.raises(ValueError, match="is not understood"):
-            parse_gt_source(bad)
+            parse_spec(bad)
 
 
 def test_cli_bag_info_and_extract(tmp_path, capsys):

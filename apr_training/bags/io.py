@@ -1,13 +1,16 @@
-"""ROS 2 bag I/O with rosbags (no ROS installation needed): read, write, inspect, TF lookups.
+"""ROS 2 bag I/O with rosbags (no ROS installation needed): the one way bags are opened, read, converted, written.
 
-* :func:`iter_messages` reads sqlite3 and mcap bags (a bag directory, or a single ``.db3`` / ``.mcap`` file) and
-  deserialises with the Kilted type store (types a bag defines itself are registered from its message definitions).
-* :func:`image_to_rgb`, :func:`pose_from_msg`, :func:`header_stamp_ns` turn messages into numpy.
-* :class:`TfBuffer` accumulates ``/tf`` and ``/tf_static`` and looks up ``target <- source`` chains at any stamp,
-  interpolating every dynamic edge (linear translation, slerp rotation).
+* :func:`open_bag` opens sqlite3 and mcap bags (a bag directory, or a single ``.db3`` / ``.mcap`` file);
+  :func:`iter_messages` deserialises with the Kilted type store (types a bag defines itself are registered from its
+  message definitions); :func:`iter_images` yields decoded images of one topic.
+* :func:`image_to_rgb`, :func:`pose_from_msg`, :func:`header_stamp_ns`, :func:`message_stamp_ns` turn messages
+  into numpy / nanoseconds.
+* :func:`read_tf` fills an :class:`apr_localizer.tf_buffer.TfBuffer` (the one TF buffer) from ``/tf`` and
+  ``/tf_static``.
 * :class:`BagWriter` and the ``make_*`` message builders write bags; :func:`write_bag` writes a rendered sequence
-  (images, camera info, ground-truth pose and TF).
-* :func:`bag_info` summarises topics, types, type hashes, counts and duration.
+  of :class:`PosedImage` (images, camera info, ground-truth pose and TF).
+* :func:`bag_info` summarises topics, types, type hashes, counts and duration; :func:`bag_topics` and
+  :func:`topic_types` are its short forms.
 
 Quaternions: ROS messages are ``x, y, z, w``; everything returned here is w-first (``apr_localizer.geometry``).
 """
@@ -15,6 +18,7 @@ Quaternions: ROS messages are ``x, y, z, w``; everything returned here is w-firs
 from __future__ import annotations
 
 import shutil
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -27,16 +31,21 @@ from apr_localizer.geometry import pose_compose, pose_inverse, quat_from_ros, qu
 from apr_localizer.tf_buffer import TfBuffer
 
 __all__ = [
-    "IMAGE_TYPES",
-    "POSE_TYPES",
+    "IMAGE_MSGTYPES",
+    "POSE_MSGTYPES",
     "BagError",
-    "BagFrame",
+    "BagImage",
     "BagMessage",
     "BagWriter",
+    "PosedImage",
     "bag_info",
+    "bag_topics",
     "header_stamp_ns",
     "image_to_rgb",
+    "iter_images",
     "iter_messages",
+    "message_stamp_ns",
+    "open_bag",
     "make_camera_info",
     "make_compressed_image",
     "make_header",
@@ -47,14 +56,16 @@ __all__ = [
     "ns_to_time",
     "pose_from_msg",
     "read_tf",
+    "require_topic",
     "stamp_to_ns",
     "topic_types",
     "typestore",
     "write_bag",
 ]
 
-IMAGE_TYPES = ("sensor_msgs/msg/Image", "sensor_msgs/msg/CompressedImage")
-POSE_TYPES = (
+IMAGE_MSGTYPES = ("sensor_msgs/msg/Image", "sensor_msgs/msg/CompressedImage")
+# every message type pose_from_msg reads (ground-truth topics accept a subset: bags.ground_truth.GT_POSE_MSGTYPES)
+POSE_MSGTYPES = (
     "geometry_msgs/msg/PoseStamped",
     "geometry_msgs/msg/PoseWithCovarianceStamped",
     "nav_msgs/msg/Odometry",
@@ -102,7 +113,8 @@ def _register_bag_types(ts, connections) -> None:
         ts.register(add)
 
 
-def _open(path: str | Path):
+def open_bag(path: str | Path):
+    """Open a bag (directory, ``.db3`` or ``.mcap``) with the rosbags reader; the caller closes it."""
     from rosbags.rosbag2 import Reader
 
     p = Path(path)
@@ -118,11 +130,38 @@ def _open(path: str | Path):
 
 def topic_types(bag_path: str | Path) -> dict[str, str]:
     """``{topic: msgtype}`` of a bag."""
-    reader = _open(bag_path)
+    reader = open_bag(bag_path)
     try:
         return {c.topic: c.msgtype for c in reader.connections}
     finally:
         reader.close()
+
+
+def bag_topics(bag_path: str | Path) -> dict[str, tuple[str, int]]:
+    """``{topic: (msgtype, message count)}`` of a bag."""
+    reader = open_bag(bag_path)
+    try:
+        out: dict[str, tuple[str, int]] = {}
+        for c in reader.connections:
+            msgtype, n = out.get(c.topic, (c.msgtype, 0))
+            out[c.topic] = (msgtype, n + int(c.msgcount or 0))
+        return out
+    finally:
+        reader.close()
+
+
+def require_topic(bag_path: str | Path, topic: str, allowed: Sequence[str], what: str) -> str:
+    """Return the msgtype of ``topic``; :class:`BagError` naming the topics if it is missing or of another type."""
+    types = topic_types(bag_path)
+    if topic not in types:
+        hint = f" (did you mean {topic}/compressed?)" if f"{topic}/compressed" in types else ""
+        listing = ", ".join(f"{t} ({types[t]})" for t in sorted(types)) or "none"
+        raise BagError(f"bag {bag_path} has no topic {topic}{hint} for the {what}; topics are: {listing}")
+    if types[topic] not in allowed:
+        raise BagError(
+            f"topic {topic} of bag {bag_path} has type {types[topic]}; the {what} must be {' or '.join(allowed)}"
+        )
+    return types[topic]
 
 
 def iter_messages(bag_path: str | Path, topics: Iterable[str] | None = None) -> Iterator[BagMessage]:
@@ -130,7 +169,7 @@ def iter_messages(bag_path: str | Path, topics: Iterable[str] | None = None) -> 
 
     Raises :class:`BagError` naming the available topics if a requested topic is not in the bag.
     """
-    reader = _open(bag_path)
+    reader = open_bag(bag_path)
     try:
         conns = reader.connections
         if topics is not None:
@@ -155,7 +194,7 @@ def iter_messages(bag_path: str | Path, topics: Iterable[str] | None = None) -> 
 def bag_info(path: str | Path) -> dict:
     """Summary: storage, start/end (ns), duration (s), message count and per-topic type, RIHS01 hash and count."""
     p = Path(path)
-    reader = _open(p)
+    reader = open_bag(p)
     try:
         topics = {}
         for c in sorted(reader.connections, key=lambda c: c.topic):
@@ -192,9 +231,15 @@ def ns_to_time(t_ns: int):
 
 
 def header_stamp_ns(msg: Any) -> int | None:
-    """``msg.header.stamp`` in ns, or None if the message has no header."""
+    """``msg.header.stamp`` in ns of a deserialised message, or None if the message has no header."""
     header = getattr(msg, "header", None)
     return None if header is None else stamp_to_ns(header.stamp)
+
+
+def message_stamp_ns(msg: Any, bag_time_ns: int) -> int:
+    """Return the stamp a message is matched by: ``header.stamp``, or its bag time when the stamp is zero or absent."""
+    stamp = header_stamp_ns(msg)
+    return int(stamp) if stamp else int(bag_time_ns)
 
 
 def image_to_rgb(msg: Any, msgtype: str | None = None) -> np.ndarray:
@@ -210,8 +255,55 @@ def image_to_rgb(msg: Any, msgtype: str | None = None) -> np.ndarray:
         return decode_compressed(msg.data, msg.format)
     raise ValueError(
         f"cannot decode an image from a {msgtype or type(msg).__name__} message; expected one of "
-        f"{', '.join(IMAGE_TYPES)}"
+        f"{', '.join(IMAGE_MSGTYPES)}"
     )
+
+
+@dataclass(frozen=True)
+class BagImage:
+    """One image read from a bag.
+
+    ``index`` on its topic, matching stamp (:func:`message_stamp_ns`), bag time, (H, W, 3) uint8 RGB (empty when not
+    decoded) and the time spent deserialising and decoding it (ms).
+    """
+
+    index: int
+    stamp_ns: int
+    bag_time_ns: int
+    rgb: np.ndarray
+    decode_ms: float
+
+
+def iter_images(
+    bag_path: str | Path, topic: str, stride: int = 1, limit: int | None = None, decode: bool = True
+) -> Iterator[BagImage]:
+    """Yield every ``stride``-th image of ``topic`` (``Image`` or ``CompressedImage``) in bag-time order."""
+    from apr_localizer.imaging import ImageDecodeError
+
+    msgtype = require_topic(bag_path, topic, IMAGE_MSGTYPES, "images")
+    reader = open_bag(bag_path)
+    try:
+        conns = [c for c in reader.connections if c.topic == topic]
+        ts = typestore()
+        n_out = 0
+        for i, (_, t_ns, raw) in enumerate(reader.messages(connections=conns)):
+            if i % stride:
+                continue
+            if limit is not None and n_out >= limit:
+                break
+            t0 = time.perf_counter()
+            msg = ts.deserialize_cdr(raw, msgtype)
+            rgb = np.zeros((0, 0, 3), np.uint8)
+            if decode:
+                try:
+                    rgb = image_to_rgb(msg, msgtype)
+                except ImageDecodeError as exc:
+                    raise BagError(f"image {i} on {topic} of bag {bag_path}: {exc}") from None
+            stamp = message_stamp_ns(msg, int(t_ns))
+            yield BagImage(i, stamp, int(t_ns), rgb, (time.perf_counter() - t0) * 1e3)
+            n_out += 1
+    finally:
+        reader.close()
 
 
 def _pose7(position: Any, orientation: Any) -> np.ndarray:
@@ -236,7 +328,7 @@ def pose_from_msg(msg: Any, msgtype: str | None = None) -> np.ndarray:
     if msgtype == "geometry_msgs/msg/Transform":
         return _pose7(msg.translation, msg.rotation)
     raise ValueError(
-        f"cannot read a pose from a {msgtype or type(msg).__name__} message; expected one of {', '.join(POSE_TYPES)}"
+        f"cannot read a pose from a {msgtype or type(msg).__name__} message; expected one of {', '.join(POSE_MSGTYPES)}"
     )
 
 
@@ -413,7 +505,7 @@ def _latched_qos():
 
 
 @dataclass(frozen=True)
-class BagFrame:
+class PosedImage:
     """One image to write: bag/header stamp (ns), (H, W, 3) uint8 RGB and its camera-to-map pose (7,) or None."""
 
     stamp_ns: int
@@ -423,7 +515,7 @@ class BagFrame:
 
 def write_bag(
     out_path: str | Path,
-    frames: Iterable[BagFrame],
+    frames: Iterable[PosedImage],
     storage: str = "sqlite3",
     image_topic: str = "/camera/image_raw",
     compressed: bool = False,

@@ -6,10 +6,10 @@ Ground truth sources (``gt_source``):
 * ``odom:/topic`` — ``nav_msgs/Odometry`` on ``/topic``;
 * ``tf:map->camera_frame`` — the TF chain ``map <- camera_frame`` from ``/tf`` and ``/tf_static``.
 
-Each image (header stamp; the bag time when the stamp is zero) takes the nearest ground-truth sample within
-``tolerance_s`` (pose/odom), or the TF chain interpolated at its stamp (every dynamic edge needs a sample within
-``tolerance_s``). ``sensor_offset`` (the camera pose in the ground-truth child frame, e.g. base_link -> camera) is
-composed on the right of pose/odom/TF poses. Matched images are thinned by ``stride`` and split by time: the first
+Images are matched to ground truth by :mod:`apr_training.bags.ground_truth` (the one matcher, shared with
+``apr-eval-bag``): header stamp (bag time when zero), nearest pose/odom sample or interpolated TF chain within
+``tolerance_s``, ``sensor_offset`` (the camera pose in the ground-truth child frame, e.g. base_link -> camera)
+composed on the right. Matched images are thinned by ``stride`` and split by time: the first
 part is ``train``, the rest ``test`` (``test_fraction`` of the frames, or everything from ``split_time``).
 
 Output (7-Scenes-like, read by :mod:`apr_training.datasets.labels`)::
@@ -23,101 +23,25 @@ Output (7-Scenes-like, read by :mod:`apr_training.datasets.labels`)::
 from __future__ import annotations
 
 import csv
+import io
 import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from apr_localizer.geometry import pose_compose
+from apr_localizer.fileio import atomic_write_text
 
 from ..bags import io as bagio
+from ..bags.ground_truth import GroundTruthError, load_ground_truth, parse_spec
+from .labels import LabelRow, write_labels
 
-__all__ = ["ExtractError", "GroundTruthSource", "extract_dataset", "parse_gt_source"]
-
-LABEL_COLUMNS = ("scene", "split", "seq", "img_path", "t1", "t2", "t3", "q1", "q2", "q3", "q4")
-_POSE_TOPIC_TYPES = (
-    "geometry_msgs/msg/PoseStamped",
-    "geometry_msgs/msg/PoseWithCovarianceStamped",
-    "nav_msgs/msg/Odometry",
-)
+__all__ = ["ExtractError", "extract_dataset"]
 
 
 class ExtractError(bagio.BagError):
     """The bag cannot be turned into a dataset as asked (the message says why)."""
-
-
-@dataclass(frozen=True)
-class GroundTruthSource:
-    """Parsed ``gt_source``: ``kind`` is pose, odom or tf; ``topic`` for pose/odom; ``parent``/``child`` for tf."""
-
-    kind: str
-    topic: str = ""
-    parent: str = ""
-    child: str = ""
-
-
-def parse_gt_source(spec: str) -> GroundTruthSource:
-    """Parse ``pose:/topic``, ``odom:/topic`` or ``tf:parent->child``."""
-    kind, sep, rest = spec.partition(":")
-    rest = rest.strip()
-    if sep and kind in ("pose", "odom") and rest:
-        return GroundTruthSource(kind, topic=rest)
-    if sep and kind == "tf":
-        parent, arrow, child = rest.partition("->")
-        if arrow and parent.strip() and child.strip():
-            return GroundTruthSource("tf", parent=parent.strip(), child=child.strip())
-    raise ValueError(
-        f"gt_source {spec!r} is not understood; expected 'pose:/topic', 'odom:/topic' or 'tf:map->camera_frame'"
-    )
-
-
-def _stamp(msg, t_ns: int) -> int:
-    s = bagio.header_stamp_ns(msg)
-    return s if s else t_ns
-
-
-def _load_gt_samples(bag: Path, src: GroundTruthSource, types: dict[str, str]) -> tuple[np.ndarray, np.ndarray]:
-    if src.topic not in types:
-        raise ExtractError(f"bag {bag} has no topic {src.topic}; topics are: {', '.join(sorted(types))}")
-    msgtype = types[src.topic]
-    allowed = ("nav_msgs/msg/Odometry",) if src.kind == "odom" else _POSE_TOPIC_TYPES
-    if msgtype not in allowed:
-        raise ExtractError(
-            f"ground-truth topic {src.topic} in bag {bag} has type {msgtype}; '{src.kind}:' expects "
-            f"{' or '.join(allowed)}"
-        )
-    stamps, poses = [], []
-    for m in bagio.iter_messages(bag, [src.topic]):
-        stamps.append(_stamp(m.msg, m.t_ns))
-        poses.append(bagio.pose_from_msg(m.msg, m.msgtype))
-    if not stamps:
-        raise ExtractError(f"ground-truth topic {src.topic} in bag {bag} has no messages")
-    t = np.asarray(stamps, dtype=np.int64)
-    p = np.asarray(poses, dtype=np.float64)
-    order = np.argsort(t, kind="stable")
-    return t[order], p[order]
-
-
-def _nearest_residual(stamps: np.ndarray, ref: np.ndarray) -> np.ndarray:
-    """Distance (ns) from each stamp to the nearest reference stamp (0 when there are none, e.g. static TF)."""
-    if len(ref) == 0:
-        return np.zeros(len(stamps), np.int64)
-    i = np.searchsorted(ref, stamps)
-    lo = ref[np.clip(i - 1, 0, len(ref) - 1)]
-    hi = ref[np.clip(i, 0, len(ref) - 1)]
-    return np.minimum(np.abs(stamps - lo), np.abs(hi - stamps))
-
-
-def _match_nearest(img_t: np.ndarray, gt_t: np.ndarray, gt_p: np.ndarray, tol_ns: int):
-    i = np.searchsorted(gt_t, img_t)
-    i0 = np.clip(i - 1, 0, len(gt_t) - 1)
-    i1 = np.clip(i, 0, len(gt_t) - 1)
-    pick = np.where(np.abs(gt_t[i1] - img_t) < np.abs(img_t - gt_t[i0]), i1, i0)
-    resid = np.abs(gt_t[pick] - img_t)
-    return gt_p[pick], resid <= tol_ns, resid
 
 
 def _sanitize(name: str) -> str:
@@ -149,7 +73,7 @@ def extract_dataset(
     """
     bag = Path(bag)
     out = Path(out_dir)
-    src = parse_gt_source(gt_source)
+    src = parse_spec(gt_source)
     if stride < 1:
         raise ValueError(f"stride must be >= 1, got {stride}")
     if tolerance_s < 0:
@@ -164,10 +88,10 @@ def extract_dataset(
         if f"{image_topic}/compressed" in types:
             hint = f" (did you mean {image_topic}/compressed?)"
         raise ExtractError(f"bag {bag} has no topic {image_topic}{hint}; topics are: {', '.join(sorted(types))}")
-    if types[image_topic] not in bagio.IMAGE_TYPES:
+    if types[image_topic] not in bagio.IMAGE_MSGTYPES:
         raise ExtractError(
             f"image topic {image_topic} in bag {bag} has type {types[image_topic]}; expected "
-            f"{' or '.join(bagio.IMAGE_TYPES)}"
+            f"{' or '.join(bagio.IMAGE_MSGTYPES)}"
         )
     train_csv, test_csv = out / f"{scene_name}_train.csv", out / f"{scene_name}_test.csv"
     if not overwrite and (train_csv.exists() or test_csv.exists()):
@@ -175,31 +99,17 @@ def extract_dataset(
             f"{out} already holds label CSVs for scene {scene_name!r}; pass overwrite=True (--overwrite)"
         )
 
-    # pass 1: image stamps
-    img_stamps = np.asarray([_stamp(m.msg, m.t_ns) for m in bagio.iter_messages(bag, [image_topic])], np.int64)
+    # pass 1: image stamps (header stamp, bag time when zero), without decoding
+    img_stamps = np.asarray([im.stamp_ns for im in bagio.iter_images(bag, image_topic, decode=False)], np.int64)
     if len(img_stamps) == 0:
         raise ExtractError(f"image topic {image_topic} in bag {bag} has no messages")
-    tol_ns = int(round(tolerance_s * 1e9))
-
-    # ground truth at the image stamps
-    if src.kind == "tf":
-        tf_topics = [t for t in ("/tf", "/tf_static") if t in types]
-        if not tf_topics:
-            raise ExtractError(f"bag {bag} has no topic /tf or /tf_static; topics are: {', '.join(sorted(types))}")
-        buf = bagio.read_tf(bag, tf_topics)
-        try:
-            gt, ok = buf.lookup(src.parent, src.child, img_stamps, tolerance_s)
-        except LookupError as exc:
-            raise ExtractError(f"bag {bag}: {exc}") from exc
-        gt_stamps = buf.stamps(src.parent, src.child)
-        resid = _nearest_residual(img_stamps, gt_stamps)
-        gt_desc = f"TF {src.parent} <- {src.child}"
-    else:
-        gt_stamps, gt_poses = _load_gt_samples(bag, src, types)
-        gt, ok, resid = _match_nearest(img_stamps, gt_stamps, gt_poses, tol_ns)
-        gt_desc = f"{src.topic}"
-    if sensor_offset is not None:
-        gt = pose_compose(gt, np.asarray(sensor_offset, dtype=np.float64).reshape(1, 7))
+    try:
+        truth = load_ground_truth(bag, src, tolerance_s, sensor_offset)
+        gt, ok, resid_ms = truth.match(img_stamps)
+    except GroundTruthError as exc:
+        raise ExtractError(str(exc)) from None
+    gt_stamps = truth.sample_stamps()
+    gt_desc = src.describe()
     matched = np.nonzero(ok)[0]
     if len(matched) == 0:
         gt_range = (
@@ -233,7 +143,7 @@ def extract_dataset(
         plan[idx] = (split, counters[split])
         counters[split] += 1
 
-    rows: dict[str, list[list[str]]] = {"train": [], "test": []}
+    rows: dict[str, list[LabelRow]] = {"train": [], "test": []}
     frames_rows: list[list[str]] = []
     bar = _bar(len(plan), progress)
     shape = None
@@ -246,24 +156,22 @@ def extract_dataset(
         rel = f"{scene_name}/{seq_of[split]}/frame-{k:06d}.color.png"
         Image.fromarray(np.ascontiguousarray(rgb)).save(out / rel, compress_level=1)
         p = gt[idx]
-        rows[split].append([scene_name, split, seq_of[split], rel, *(repr(float(v)) for v in p)])
-        frames_rows.append([rel, split, str(int(img_stamps[idx])), str(int(m.t_ns)), f"{resid[idx] / 1e6:.3f}"])
+        rows[split].append(LabelRow(scene_name, split, seq_of[split], rel, tuple(float(v) for v in p)))
+        frames_rows.append([rel, split, str(int(img_stamps[idx])), str(int(m.t_ns)), f"{resid_ms[idx]:.3f}"])
         bar.update(1)
     bar.close()
 
     for split, path in (("train", train_csv), ("test", test_csv)):
-        with open(path, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(LABEL_COLUMNS)
-            w.writerows(rows[split])
-    with open(out / f"{scene_name}_frames.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["img_path", "split", "stamp_ns", "bag_time_ns", "gt_residual_ms"])
-        w.writerows(frames_rows)
+        write_labels(path, rows[split])
+    frames_csv = io.StringIO()
+    w = csv.writer(frames_csv, lineterminator="\n")
+    w.writerow(["img_path", "split", "stamp_ns", "bag_time_ns", "gt_residual_ms"])
+    w.writerows(frames_rows)
+    atomic_write_text(out / f"{scene_name}_frames.csv", frames_csv.getvalue())
 
     intrinsics = _camera_info(bag, types, image_topic, camera_info_topic)
     if intrinsics is not None:
-        (out / "intrinsics.json").write_text(json.dumps(intrinsics, indent=2) + "\n")
+        atomic_write_text(out / "intrinsics.json", json.dumps(intrinsics, indent=2) + "\n")
     summary = {
         "bag": str(bag),
         "image_topic": image_topic,
@@ -281,9 +189,9 @@ def extract_dataset(
         "image_size": None if shape is None else [int(shape[1]), int(shape[0])],
         "label_csv": {"train": str(train_csv), "test": str(test_csv)},
         "intrinsics": intrinsics,
-        "max_gt_residual_ms": float(resid[matched].max() / 1e6),
+        "max_gt_residual_ms": float(resid_ms[matched].max()),
     }
-    (out / f"{scene_name}_extract.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out / f"{scene_name}_extract.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 

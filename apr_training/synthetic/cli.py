@@ -222,7 +222,7 @@ def _cmd_bag(a: argparse.Namespace) -> int:
     w, h = a.size
     t0 = int(round(a.start_time * 1e9))
     frames = (
-        bagio.BagFrame(t0 + int(round(i * 1e9 / a.fps)), rgb, pose)
+        bagio.PosedImage(t0 + int(round(i * 1e9 / a.fps)), rgb, pose)
         for i, (_, pose, rgb) in enumerate(
             render_sequence(scene, a.seq, a.frames, w, h, a.fps, a.seed, a.hfov, a.lighting_variation)
         )

@@ -120,9 +120,7 @@ def make_trajectory(scene, seed: int, config: TrajectoryConfig = TrajectoryConfi
             break
         wp = np.concatenate([wp, _free_points(scene, rng, 4, c.margin_m)])
     xy = _resample(curve, c.step_m, c.frames)
-    z = np.clip(
-        np.mean(c.height_m) + _smooth_noise(rng, c.frames, (c.height_m[1] - c.height_m[0]) / 4), *c.height_m
-    )
+    z = np.clip(np.mean(c.height_m) + _smooth_noise(rng, c.frames, (c.height_m[1] - c.height_m[0]) / 4), *c.height_m)
     # look-at target: a second, slower curve through other free points, at object height
     targets = _resample(_catmull_rom(_free_points(scene, rng, max(c.waypoints, 4), 0.2)), c.step_m * 0.7, c.frames)
     pitch = np.radians(-4.0 + _smooth_noise(rng, c.frames, c.pitch_deg))
@@ -188,14 +186,20 @@ def write_label_dataset(
                 for i, pose in enumerate(poses):
                     rel = f"{scene_name}/{seq}/frame-{i:06d}.color.png"
                     rows[split].append([scene_name, split, seq, rel, *(f"{v:.9g}" for v in pose)])
-                    jobs.append((scene_name, seed, pose, _seed(scene_name, seq, i, seed), str(out / rel), width,
-                                 height, k))
+                    jobs.append(
+                        (scene_name, seed, pose, _seed(scene_name, seq, i, seed), str(out / rel), width, height, k)
+                    )
     workers = workers or os.cpu_count() or 1
     from tqdm import tqdm
 
     with Pool(workers) as pool:
-        for _ in tqdm(pool.imap_unordered(_render_job, jobs, chunksize=8), total=len(jobs), disable=not progress,
-                      desc="rendering", unit="frame"):
+        for _ in tqdm(
+            pool.imap_unordered(_render_job, jobs, chunksize=8),
+            total=len(jobs),
+            disable=not progress,
+            desc="rendering",
+            unit="frame",
+        ):
             pass
     for split, r in rows.items():
         with open(out / f"{split}.csv", "w", newline="") as f:
@@ -241,7 +245,7 @@ def write_trajectory_bag(
     from PIL import Image as PILImage
     from tqdm import tqdm
 
-    from ..bags.io import BagFrame, write_bag
+    from ..bags.io import PosedImage, write_bag
 
     out = Path(out)
     scene = make_scene(scene_name, seed)
@@ -249,24 +253,42 @@ def write_trajectory_bag(
     k = default_intrinsics(width, height)
     tmp = out.parent / (out.name + ".frames")
     tmp.mkdir(parents=True, exist_ok=True)
-    jobs = [(scene_name, seed, p, _seed(scene_name, seq, i, seed), str(tmp / f"{i:06d}.png"), width, height, k)
-            for i, p in enumerate(poses)]
+    jobs = [
+        (scene_name, seed, p, _seed(scene_name, seq, i, seed), str(tmp / f"{i:06d}.png"), width, height, k)
+        for i, p in enumerate(poses)
+    ]
     with Pool(workers or os.cpu_count() or 1) as pool:
         for _ in tqdm(pool.imap(_render_job, jobs, chunksize=4), total=len(jobs), desc="rendering bag", unit="frame"):
             pass
     t0 = 1_700_000_000 * 10**9
     bag_frames = (
-        BagFrame(t0 + int(round(i * 1e9 / fps)), np.asarray(PILImage.open(tmp / f"{i:06d}.png").convert("RGB")), pose)
+        PosedImage(t0 + int(round(i * 1e9 / fps)), np.asarray(PILImage.open(tmp / f"{i:06d}.png").convert("RGB")), pose)
         for i, pose in enumerate(poses)
     )
     ns = image_topic.rsplit("/", 1)[0] or ""
-    write_bag(out, bag_frames, storage, image_topic, camera_info_topic=f"{ns}/camera_info",
-              intrinsics=Intrinsics(*k), pose_topic="/ground_truth/pose", tf="camera", camera_frame=camera_frame)
+    write_bag(
+        out,
+        bag_frames,
+        storage,
+        image_topic,
+        camera_info_topic=f"{ns}/camera_info",
+        intrinsics=Intrinsics(*k),
+        pose_topic="/ground_truth/pose",
+        tf="camera",
+        camera_frame=camera_frame,
+    )
     import shutil
 
     shutil.rmtree(tmp, ignore_errors=True)
-    return {"bag": str(out), "scene": scene_name, "seq": seq, "frames": frames, "fps": fps, "size": [width, height],
-            "topics": [image_topic, f"{ns}/camera_info", "/ground_truth/pose", "/tf"]}
+    return {
+        "bag": str(out),
+        "scene": scene_name,
+        "seq": seq,
+        "frames": frames,
+        "fps": fps,
+        "size": [width, height],
+        "topics": [image_topic, f"{ns}/camera_info", "/ground_truth/pose", "/tf"],
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -290,12 +312,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=0, help="render processes (0 = all cores)")
     a = p.parse_args(argv)
     if a.bag:
-        info = write_trajectory_bag(a.out, a.bag, a.seq, a.frames, a.width, a.height, a.fps, a.seed, a.storage,
-                                    a.step, workers=a.workers or None)
+        info = write_trajectory_bag(
+            a.out,
+            a.bag,
+            a.seq,
+            a.frames,
+            a.width,
+            a.height,
+            a.fps,
+            a.seed,
+            a.storage,
+            a.step,
+            workers=a.workers or None,
+        )
         print(json.dumps(info))
         return 0
-    info = write_label_dataset(a.out, a.scenes.split(","), a.train_seqs, a.test_seqs, a.frames, a.width, a.height,
-                               a.seed, a.workers or None, a.step)
+    info = write_label_dataset(
+        a.out,
+        a.scenes.split(","),
+        a.train_seqs,
+        a.test_seqs,
+        a.frames,
+        a.width,
+        a.height,
+        a.seed,
+        a.workers or None,
+        a.step,
+    )
     print(json.dumps(info["frames"]))
     return 0
 

@@ -39,7 +39,7 @@ from apr_localizer import __version__
 from apr_localizer.backends.base import BackendError, BackendOptions
 from apr_localizer.checkpoints import CheckpointError, ModelBundle, load_bundle, load_model, save_model
 
-from .metrics import render_table
+from .evaluation.metrics import render_table
 
 __all__ = ["build_parser", "format_parity", "load_calibration_images", "main"]
 

@@ -134,7 +134,7 @@ def _bench_frame(width: int, height: int) -> np.ndarray:
 
 
 def _stats(values: Sequence[float]) -> dict[str, float]:
-    from .metrics import latency_stats
+    from .evaluation.metrics import latency_stats
 
     return latency_stats(values)
 
@@ -332,8 +332,8 @@ def run_node_bench(args: argparse.Namespace, env_changes: dict[str, str]) -> dic
 
     from apr_localizer.resources import config_path
 
-    from .bag_eval import LocalizerProcess, NodeMonitor, write_node_params
     from .bags.player import RosSession
+    from .evaluation.live import LocalizerProcess, NodeMonitor, write_node_params
 
     with tempfile.TemporaryDirectory(prefix="apr_node_bench_") as tmp_s:
         tmp = Path(tmp_s)
@@ -523,8 +523,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.flood_rate > 0 and args.flood_duration <= 0:
         parser.error("--flood-duration must be > 0")
 
-    from .bag_eval import BagEvalError
     from .bags.player import ros_environment
+    from .evaluation.live import BagEvalError
 
     try:
         with ros_environment(lambda text: print(f"apr-bench node: set {text}", file=sys.stderr)) as changes:

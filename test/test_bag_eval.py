@@ -255,7 +255,7 @@ def test_header_stamp_is_patched_in_the_cdr_buffer():
 
 
 def test_ground_truth_lookup_nearest_and_tf_interpolation(tmp_path, frames, ground_truth):
-    from apr_training.bag_eval import BagEvalError, load_ground_truth
+    from apr_training.evaluation.live import BagEvalError, load_ground_truth
 
     bag = write_eval_bag(tmp_path / "pose_bag", frames[:4], ground_truth[:4])
     gt = load_ground_truth(bag, f"pose:{GT_TOPIC}", tolerance_s=0.02)
@@ -289,7 +289,7 @@ def test_ground_truth_lookup_nearest_and_tf_interpolation(tmp_path, frames, grou
 
 # --------------------------------------------------------------------------------------------- offline
 def test_offline_evaluation_has_the_known_answer(tmp_path, eval_bag, checkpoint, estimates):
-    from apr_training.bag_eval import main
+    from apr_training.evaluation.live import main
 
     out = tmp_path / "offline"
     scene = estimates[1].scene_name
@@ -352,7 +352,7 @@ def test_offline_evaluation_has_the_known_answer(tmp_path, eval_bag, checkpoint,
 
 
 def test_offline_stride_and_input_errors(tmp_path, eval_bag, checkpoint, capsys):
-    from apr_training.bag_eval import main
+    from apr_training.evaluation.live import main
 
     out = tmp_path / "stride"
     base = [
@@ -388,7 +388,7 @@ def test_offline_stride_and_input_errors(tmp_path, eval_bag, checkpoint, capsys)
 
 
 def test_offline_reads_mcap_bags_and_bare_mcap_files(tmp_path, frames, ground_truth, checkpoint, offline_run):
-    from apr_training.bag_eval import main
+    from apr_training.evaluation.live import main
 
     bag = write_eval_bag(tmp_path / "mcap_bag", frames[:4], ground_truth[:4], storage="mcap")
     (mcap_file,) = bag.glob("*.mcap")
@@ -463,7 +463,7 @@ def test_bag_player_restamps_publishes_clock_and_recorder_writes_a_bag(tmp_path,
 
 
 def _first_frames(bag: Path, n: int) -> list[np.ndarray]:
-    from apr_training.bag_eval import iter_images
+    from apr_training.evaluation.live import iter_images
 
     return [f.rgb for f in iter_images(bag, IMAGE_TOPIC, limit=n)]
 
@@ -520,7 +520,7 @@ def _check_live(out: Path, proc: subprocess.CompletedProcess, offline: dict[int,
 
 @pytest.fixture(scope="module")
 def offline_run(tmp_path_factory, eval_bag, checkpoint) -> Path:
-    from apr_training.bag_eval import main
+    from apr_training.evaluation.live import main
 
     out = tmp_path_factory.mktemp("offline_ref")
     argv = [
@@ -586,7 +586,7 @@ def test_live_replay_through_the_node_matches_offline(tmp_path, eval_bag, checkp
 def test_live_compressed_images_tf_ground_truth_and_recorded_stamps(
     tmp_path, frames, ground_truth, checkpoint, ros_env
 ):
-    from apr_training.bag_eval import main
+    from apr_training.evaluation.live import main
 
     bag = write_eval_bag(tmp_path / "jpeg_tf_bag", frames, ground_truth, compressed=True, tf=True)
     topic = IMAGE_TOPIC + "/compressed"

@@ -11,11 +11,11 @@ from collections.abc import Sequence
 
 _COMMANDS = {
     "train": ("apr_training.train.cli", "main"),
-    "eval": ("apr_training.evaluate", "main"),
+    "eval": ("apr_training.evaluation.runner", "main"),
     "export": ("apr_training.export_cli", "main"),
     "bench": ("apr_training.bench", "main"),
     "synth": ("apr_training.synthetic.cli", "synth_main"),
-    "eval_bag": ("apr_training.bag_eval", "main"),
+    "eval_bag": ("apr_training.evaluation.live", "main"),
 }
 
 

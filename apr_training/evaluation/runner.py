@@ -44,8 +44,8 @@ from apr_localizer import __version__, geometry
 from apr_localizer.backends.base import BACKENDS, BackendError
 from apr_localizer.localizer import Localizer, LocalizerOptions, ModelLoadError
 
+from ..datasets.labels import LabelError, LabelTable, read_labels, validate_images
 from . import metrics
-from .datasets.labels import LabelError, LabelTable, read_labels, validate_images
 
 __all__ = ["EvalError", "EvalRun", "build_report", "main", "method_key", "method_name", "run_frames", "write_outputs"]
 
@@ -134,7 +134,7 @@ def run_frames(
     """
     from tqdm import tqdm
 
-    from .datasets.torch_datasets import load_rgb
+    from ..datasets.torch_datasets import load_rgb
 
     backend = localizer.backend
     if iterations > 0 and not backend.has_refiner:
@@ -205,7 +205,7 @@ def run_frames(
 def build_report(
     run: EvalRun, info: dict[str, Any] | None = None, thresholds=metrics.DEFAULT_THRESHOLDS
 ) -> metrics.EvalReport:
-    """One :class:`~apr_training.metrics.MethodReport` per iteration count ``0..K`` (scenes in model order)."""
+    """One :class:`~.metrics.MethodReport` per iteration count ``0..K`` (scenes in model order)."""
     methods = [
         metrics.per_scene_metrics(
             run.poses[k],

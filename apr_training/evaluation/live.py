@@ -79,7 +79,7 @@ import numpy as np
 from apr_localizer import geometry
 
 from . import metrics
-from .evaluate import method_columns, method_name
+from .runner import method_columns, method_name
 
 __all__ = [
     "BagEvalError",
@@ -126,7 +126,7 @@ def _typestore():
 
 
 def _open_reader(bag: str | Path):
-    from .bags.player import _open_reader as open_reader
+    from ..bags.player import _open_reader as open_reader
 
     try:
         return open_reader(bag)
@@ -472,7 +472,7 @@ def run_offline(
     names += [f"post{k}" for k in range(K + 1)]
     timings: dict[str, list[float]] = {k: [] for k in names}
     read = without = 0
-    from .bags.player import bag_topics
+    from ..bags.player import bag_topics
 
     total = -(-bag_topics(bag).get(image_topic, ("", 0))[1] // stride)
     total = min(total, limit) if limit is not None else total
@@ -780,7 +780,7 @@ class NodeMonitor:
         from diagnostic_msgs.msg import DiagnosticArray
         from geometry_msgs.msg import PoseStamped
 
-        from .bags.player import TopicRecorder
+        from ..bags.player import TopicRecorder
 
         self.node_name = node_name
         self.pose_topic = f"/{node_name}/pose"
@@ -880,7 +880,7 @@ def run_live(args: argparse.Namespace, env_changes: Mapping[str, str], out: Path
     """Start the node, replay the bag into it, record its poses, stop it (see the module docstring)."""
     from apr_localizer.resources import config_path
 
-    from .bags.player import BagPlayer, BagPlayerError, RosSession, bag_topics
+    from ..bags.player import BagPlayer, BagPlayerError, RosSession, bag_topics
 
     topics = bag_topics(args.bag)
     if args.image_topic not in topics:
@@ -1484,7 +1484,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.mode == "offline":
             return _main_offline(args, argv)
-        from .bags.player import ros_environment
+        from ..bags.player import ros_environment
 
         with ros_environment(lambda text: _say(args, f"apr-eval-bag: set {text}")) as changes:
             return _main_live(args, argv, changes)

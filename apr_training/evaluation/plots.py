@@ -2,7 +2,7 @@
 
 Every function takes plain numpy arrays, writes one PNG and returns its path. Figures are built with
 ``matplotlib.figure.Figure`` (Agg canvas) rather than pyplot: no global backend switch, no display needed, nothing
-kept alive after saving, safe in threads. Errors come from :func:`apr_training.metrics.frame_errors`; invalid
+kept alive after saving, safe in threads. Errors come from :func:`apr_training.evaluation.metrics.frame_errors`; invalid
 (NaN) errors are left out of the curves and counted in the legend.
 """
 

@@ -8,6 +8,7 @@ query; a linear scene classifier picks the scene; shared (or per-scene) MLP head
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -132,6 +133,8 @@ class MSTransformer(nn.Module):
         self.query_embed_t = nn.Embedding(c.num_scenes, d)
         self.query_embed_rot = nn.Embedding(c.num_scenes, d)
         self.scene_embed = nn.Linear(2 * d, 1)
+        self.regressor_head_t: nn.Module
+        self.regressor_head_rot: nn.Module
         if c.per_scene_heads:
             self.regressor_head_t = nn.ModuleList([PoseRegressor(d, 3, c.head_dim) for _ in range(c.num_scenes)])
             self.regressor_head_rot = nn.ModuleList([PoseRegressor(d, 4, c.head_dim) for _ in range(c.num_scenes)])
@@ -198,8 +201,9 @@ class MSTransformer(nn.Module):
             return torch.cat([self.regressor_head_t(latent_t), self.regressor_head_rot(latent_rot)], dim=-1)
         if one_hot is None:
             raise ValueError("a model with per-scene heads needs the selected scene to decode a pose")
-        t = torch.stack([h(latent_t) for h in self.regressor_head_t], dim=1)  # (B, S, 3)
-        q = torch.stack([h(latent_rot) for h in self.regressor_head_rot], dim=1)  # (B, S, 4)
+        heads_t, heads_rot = cast(nn.ModuleList, self.regressor_head_t), cast(nn.ModuleList, self.regressor_head_rot)
+        t = torch.stack([h(latent_t) for h in heads_t], dim=1)  # (B, S, 3)
+        q = torch.stack([h(latent_rot) for h in heads_rot], dim=1)  # (B, S, 4)
         w = one_hot.unsqueeze(-1)
         return torch.cat([(t * w).sum(1), (q * w).sum(1)], dim=-1)
 

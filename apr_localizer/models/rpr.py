@@ -147,7 +147,7 @@ class IAPR(nn.Module):
         poses = []
         latents = self.query_latents(images, scene) if cache_latents else None
         for _ in range(n):
-            lt, lr = latents if cache_latents else self.query_latents(images, scene)
+            lt, lr = latents if latents is not None else self.query_latents(images, scene)
             pose = self.step(lt, lr, pose, scene)
             poses.append(pose)
         stacked = torch.stack(poses) if poses else initial_pose.new_zeros((0,) + tuple(initial_pose.shape))

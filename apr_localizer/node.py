@@ -1,58 +1,32 @@
-"""ROS 2 lifecycle node: camera images in, map poses (+ covariance, TF, diagnostics) out.
+"""ROS 2 lifecycle node: camera images in, the robot's (base) pose in the map out; a thin shell over ROS-free parts.
 
 Console script ``localizer_node`` (also ``python -m apr_localizer.node``)::
 
     localizer_node --ros-args --params-file config/localizer.yaml -p model.path:=/path/model.safetensors
 
-Lifecycle
-    * ``configure``: read the parameters, load the model (:meth:`Localizer.from_files`) and warm it up, create the
-      lifecycle publishers, start the worker thread. A model that cannot be loaded fails
-      the transition (``FAILURE``, back to *unconfigured*) with one log sentence.
-    * ``activate``: enable the publishers, create the image subscription, the hint trigger subscription and the
-      ``~/relocalize`` service.
-    * ``deactivate``: destroy the subscriptions and the service, drop the pending frame, abort a running relocalize.
-    * ``cleanup`` / ``shutdown``: stop the worker, destroy the publishers, close the model.
-    * With ``autostart`` (default true) ``main`` runs configure + activate at start.
+Parameters: :mod:`apr_localizer.node_params` (table, validation, defaults; ``config/localizer.yaml`` documents them).
+Invalid values are refused at run time with one sentence; invalid values from a params file keep the node up in
+*unconfigured* with an ERROR diagnostic until they are fixed.
 
-Threading
-    The image subscription is *raw* (serialized bytes); its callback only puts the newest message into a 1-slot
-    mailbox (replacing an unprocessed frame counts a drop; frames the DDS history overwrote before the callback saw
-    them are counted from gaps in the publisher's sequence numbers). ONE worker thread owns the :class:`Localizer`
-    and does deserialize → decode → localize → publish, so replaced frames are never even deserialized. Nothing
-    queues up beyond the DDS history depth (``qos_depth``) and that single slot. ``main`` spins a
-    ``SingleThreadedExecutor`` (a ``MultiThreadedExecutor`` costs about 4x the CPU per 900 KB image in rclpy). The
-    blocking ``~/relocalize`` service therefore takes frames straight from the image subscription while it waits;
-    under a ``MultiThreadedExecutor`` (the node's subscription and service have their own callback groups) it lets
-    the executor deliver them instead. Either way it cannot deadlock, and SIGINT ends the wait at once.
+Lifecycle: ``configure`` loads the model, subscribes to ``/tf`` + ``/tf_static`` (a :class:`TfBuffer`), creates the
+publishers and the worker thread; ``activate`` subscribes to the images, the camera info and the hint trigger, offers
+``~/relocalize`` and starts the map → odom timer; ``deactivate``/``cleanup``/``shutdown`` undo that. ``autostart``
+configures and activates at start (turn it off under nav2_lifecycle_manager; there is no bond: ``bond_timeout: 0.0``).
 
-Outputs, all stamped with the input image's ``header.stamp`` and in ``map_frame``
-    * ``~/pose`` (``PoseStamped``) and ``~/pose_with_covariance`` (``PoseWithCovarianceStamped``): the pose of the
-      *tracked frame*: ``base_frame`` when set (via the ``base_to_camera`` extrinsic), else the camera.
-    * TF (``publish_tf``): ``tf_mode`` ``map_to_camera`` (map → camera), ``map_to_base`` (map → base) or
-      ``map_to_odom`` (map → odom, AMCL style; needs ``tf2_ros`` for the odom → base lookup at the image stamp, and
-      falls back to ``map_to_base`` with a warning when it is missing). With ``tf2_ros`` the standard
-      ``TransformBroadcaster`` is used, otherwise ``tf2_msgs/TFMessage`` is published on ``/tf`` (depth 100, the
-      same wire format).
-    * ``/diagnostics`` (``DiagnosticArray``, every ``diagnostics_period_s``, in every lifecycle state): state,
-      backend, device, input/output rate, receive→publish latency and inference time percentiles (p50/p90/p99 ms),
-      dropped/stale/rejected/low-confidence/non-finite counts and the last rejection reason; ERROR with the reason
-      when configure failed.
-    * ``initialpose_topic`` (``PoseWithCovarianceStamped``, AMCL convention): once per successful ``~/relocalize``
-      (std_srvs/Trigger: fuse ``relocalize.samples`` confident estimates: position median, quaternion average).
-    * Hint mode (``hint.enable``): a message on ``hint.trigger_topic`` (std_msgs/Empty, or std_msgs/Bool with
-      ``data: true``) publishes the next confident estimate on ``hint.output_topic``.
+Threads: the image callback stores the newest serialized frame in a :class:`LatestMailbox`; one worker owns the
+:class:`Localizer` and does deserialize → checks → localize → publish. ``~/relocalize`` is an async service: it
+yields to the executor while the worker collects samples, so every other callback keeps running.
 
-Estimates that are non-finite or below ``min_confidence`` are never published (counted). Malformed images are
-logged (throttled), counted and dropped; they never stop the node.
-
-Covariance: see :func:`apr_localizer.ros_convert.covariance_from_diagonal` (diagonal from ``covariance.position``
-and ``covariance.orientation``, divided by the confidence when ``covariance.scale_by_confidence``).
+Outputs (stamped with the image stamp, in ``map_frame`` or the scene's frame; ``output_pose`` base by default):
+``~/pose``, ``~/pose_with_covariance``, ``initialpose`` (fused on ``~/relocalize``), ``visual_slam/initial_pose``
+(one per ``visual_slam/trigger_hint``), ``/tf`` (``publish_tf``: ``map_to_odom`` re-published at ``tf_rate_hz`` and
+future-dated by ``transform_tolerance_s``; ``map_to_base``/``map_to_camera`` only when that frame has no other
+parent) and ``/diagnostics``.
 """
 
 from __future__ import annotations
 
 import collections
-import dataclasses
 import signal
 import sys
 import threading
@@ -63,435 +37,140 @@ import numpy as np
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import PoseStamped, PoseWithCovarianceStamped
-from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
+from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.clock import Clock, ClockType
-from rclpy.exceptions import InvalidHandle, InvalidParameterTypeException, ParameterException
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor, SingleThreadedExecutor
+from rclpy.exceptions import InvalidParameterTypeException, ParameterException
+from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.lifecycle import LifecycleState, TransitionCallbackReturn
 from rclpy.lifecycle import Node as LifecycleNode
 from rclpy.parameter import Parameter
-from rclpy.qos import (
-    DurabilityPolicy,
-    HistoryPolicy,
-    QoSProfile,
-    ReliabilityPolicy,
-    qos_profile_sensor_data,
-)
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from rclpy.serialization import deserialize_message
 from rclpy.signals import SignalHandlerOptions
-from sensor_msgs.msg import CompressedImage, Image
-from std_msgs.msg import Bool, Empty
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_srvs.srv import Trigger
 
-from apr_localizer import geometry, ros_convert
+from apr_localizer import geometry, node_logic, ros_convert
 from apr_localizer.imaging import ImageDecodeError
+from apr_localizer.mailbox import LatestMailbox
+from apr_localizer.node_params import (
+    PARAMS,
+    NodeConfig,
+    config_from_values,
+    cross_check,
+    frame_id_problem,
+    truncate,
+    validate,
+)
+from apr_localizer.relocalize import Collector, MotionLimits, Sample, fuse, odom_speed, widen_covariance
+from apr_localizer.tf_buffer import TfBuffer, transform_msg_pose
 
-try:  # tf2_ros is not installable from PyPI; use it when the environment has it (a real ROS 2 install)
-    import tf2_ros
+__all__ = ["LocalizerNode", "main"]
 
-    HAVE_TF2_ROS = True
-except ImportError:  # pragma: no cover - depends on the environment
-    tf2_ros = None
-    HAVE_TF2_ROS = False
-
-__all__ = ["HAVE_TF2_ROS", "LatestMailbox", "LocalizerNode", "NodeConfig", "main"]
-
-BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
-PRECISIONS = ("fp32", "fp16", "bf16", "int8")
-TRANSPORTS = ("raw", "compressed")
-QOS_CHOICES = ("reliable", "sensor_data")
-TF_MODES = ("map_to_camera", "map_to_base", "map_to_odom")
-HINT_TYPES = ("empty", "bool")
 _LOG_THROTTLE_S = 5.0
+_COUNTERS = (
+    "received", "processed", "published", "stale", "rejected", "low_confidence", "filtered_scene", "non_finite",
+    "processing_errors", "tf_failures", "tf_refused", "stamps_replaced", "jumps_rejected", "relocalizations",
+    "relocalize_rejected_moving", "hints", "lost_in_transport",
+)  # fmt: skip
+_RELIABLE10 = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE, history=HistoryPolicy.KEEP_LAST)
+_TF_QOS = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE, history=HistoryPolicy.KEEP_LAST)
+_TF_STATIC_QOS = QoSProfile(
+    depth=100,
+    reliability=ReliabilityPolicy.RELIABLE,
+    durability=DurabilityPolicy.TRANSIENT_LOCAL,
+    history=HistoryPolicy.KEEP_LAST,
+)
 
 
-# --------------------------------------------------------------------------------------------- mailbox
-class LatestMailbox:
-    """A 1-slot mailbox: ``put`` replaces an unread item (counted as a drop); ``get`` blocks until one is there."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._item: Any = None
-        self._has_item = False
-        self._closed = False
-        self.dropped = 0
-
-    def put(self, item: Any) -> bool:
-        """Store ``item`` as the newest one; return True when it replaced an unprocessed item."""
-        with self._cond:
-            replaced = self._has_item
-            if replaced:
-                self.dropped += 1
-            self._item, self._has_item = item, True
-            self._cond.notify()
-            return replaced
-
-    def get(self, timeout: float | None = None) -> Any | None:
-        """Take the newest item, waiting up to ``timeout`` seconds; None on timeout or when closed."""
-        with self._cond:
-            if not self._has_item and not self._closed:
-                self._cond.wait(timeout)
-            if not self._has_item:
-                return None
-            item, self._item, self._has_item = self._item, None, False
-            return item
-
-    def clear(self) -> int:
-        """Discard a pending item (counted as a drop); return how many were discarded (0 or 1)."""
-        with self._cond:
-            n = int(self._has_item)
-            self.dropped += n
-            self._item, self._has_item = None, False
-            return n
-
-    def close(self) -> None:
-        """Wake every waiter; later ``get`` calls return at once."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-
-
-# --------------------------------------------------------------------------------------------- parameters
-@dataclasses.dataclass(frozen=True)
-class NodeConfig:
-    """A snapshot of the node's parameters (see config/localizer.yaml for their meaning)."""
-
-    model_path: str = ""
-    iapr_path: str = ""
-    pae_path: str = ""
-    backend: str = "auto"
-    device: str = "auto"
-    precision: str = "fp32"
-    iapr_iterations: int = 3
-    threads: int = 0
-    cache_dir: str = ""
-    image_topic: str = "/camera/image_raw"
-    image_transport: str = "raw"
-    qos: str = "reliable"
-    qos_depth: int = 1
-    map_frame: str = "map"
-    camera_frame: str = ""
-    base_frame: str = ""
-    odom_frame: str = "odom"
-    base_to_camera: tuple[float, ...] = (0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0)  # pose [x,y,z,qw,qx,qy,qz]
-    min_confidence: float = 0.0
-    covariance_position: tuple[float, float, float] = (0.25, 0.25, 0.25)
-    covariance_orientation: tuple[float, float, float] = (0.0305, 0.0305, 0.0305)
-    covariance_scale_by_confidence: bool = True
-    max_rate_hz: float = 0.0
-    max_frame_age_s: float = 0.0
-    max_image_pixels: int = ros_convert.DEFAULT_MAX_PIXELS
-    publish_tf: bool = True
-    tf_mode: str = "map_to_camera"
-    tf_lookup_timeout_s: float = 0.05
-    relocalize_samples: int = 5
-    relocalize_timeout_s: float = 10.0
-    initialpose_topic: str = "/initialpose"
-    hint_enable: bool = False
-    hint_trigger_topic: str = "visual_slam/trigger_hint"
-    hint_trigger_type: str = "empty"
-    hint_output_topic: str = ""
-    diagnostics_period_s: float = 1.0
-
-    @property
-    def subscribed_topic(self) -> str:
-        """The image topic actually subscribed (``<image_topic>/compressed`` for the compressed transport)."""
-        if self.image_transport == "compressed" and not self.image_topic.rstrip("/").endswith("/compressed"):
-            return self.image_topic.rstrip("/") + "/compressed"
-        return self.image_topic
-
-
-@dataclasses.dataclass(frozen=True)
-class _Param:
-    """One declared parameter: name, :class:`NodeConfig` field (None: assembled in ``_read_config``), default."""
-
-    name: str
-    field: str | None
-    default: Any
-    description: str
-    descriptor: dict = dataclasses.field(default_factory=dict)  # extra ParameterDescriptor kwargs
-    dynamic: bool = False  # applied to the next frame; otherwise at the next configure/activate
-
-
-def _int_range(lo: int, hi: int) -> dict:
-    return {"integer_range": [IntegerRange(from_value=lo, to_value=hi, step=1)]}
-
-
-def _float_range(lo: float, hi: float) -> dict:
-    return {"floating_point_range": [FloatingPointRange(from_value=lo, to_value=hi, step=0.0)]}
-
-
-_D = NodeConfig()
-_RO = {"read_only": True}
-_PARAMS: list[_Param] = [
-    _Param("autostart", None, True, "Configure and activate right after start-up.", _RO),
-    _Param("model.path", "model_path", "", "Model weights: our .safetensors or an official MS-Transformer .pth.", _RO),
-    _Param("model.iapr_path", "iapr_path", "", "Optional iAPR (relative pose regressor) checkpoint.", _RO),
-    _Param("model.pae_path", "pae_path", "", "Optional pose auto-encoder checkpoint.", _RO),
-    _Param("backend", "backend", _D.backend, f"Inference engine, one of {BACKENDS}."),
-    _Param("device", "device", _D.device, "auto, cpu, cuda or cuda:N."),
-    _Param("precision", "precision", _D.precision, f"One of {PRECISIONS}."),
-    _Param("iapr_iterations", "iapr_iterations", 3, "iAPR refinement steps (0 = APR only).", _int_range(0, 50)),
-    _Param("threads", "threads", 0, "CPU inference threads (0 = engine default).", _int_range(0, 256)),
-    _Param("cache_dir", "cache_dir", "", "Engine cache directory (TensorRT/ONNX); empty = default."),
-    _Param("image_topic", "image_topic", _D.image_topic, "Input image topic."),
-    _Param("image_transport", "image_transport", "raw", "raw (Image) or compressed (<image_topic>/compressed)."),
-    _Param("qos", "qos", "reliable", "Image subscription QoS: reliable or sensor_data (best effort)."),
-    _Param("qos_depth", "qos_depth", 1, "Image subscription history depth.", _int_range(1, 1000)),
-    _Param("map_frame", "map_frame", "map", "Frame of the published poses (the model's world frame)."),
-    _Param("camera_frame", "camera_frame", "", "Camera optical frame; empty = the image's frame_id."),
-    _Param("base_frame", "base_frame", "", "Robot base frame; empty = report the camera pose."),
-    _Param("odom_frame", "odom_frame", "odom", "Odometry frame for tf_mode map_to_odom."),
-    _Param("base_to_camera.xyz", None, [0.0, 0.0, 0.0], "Camera position in base_frame, metres [x, y, z]."),
-    _Param("base_to_camera.quat_xyzw", None, [0.0, 0.0, 0.0, 1.0], "Camera orientation in base_frame [x, y, z, w]."),
-    _Param(
-        "min_confidence",
-        "min_confidence",
-        0.0,
-        "Publish only estimates whose scene probability is >= this.",
-        _float_range(0.0, 1.0),
-        dynamic=True,
-    ),
-    _Param(
-        "covariance.position", None, list(_D.covariance_position), "Position variances [x, y, z] in m^2.", dynamic=True
-    ),
-    _Param(
-        "covariance.orientation",
-        None,
-        list(_D.covariance_orientation),
-        "Orientation variances [roll, pitch, yaw] in rad^2.",
-        dynamic=True,
-    ),
-    _Param(
-        "covariance.scale_by_confidence",
-        "covariance_scale_by_confidence",
-        True,
-        "Divide the covariance diagonal by the estimate's confidence.",
-        dynamic=True,
-    ),
-    _Param(
-        "max_rate_hz",
-        "max_rate_hz",
-        0.0,
-        "Processed frames per second at most (0 = unlimited).",
-        _float_range(0.0, 1000.0),
-        dynamic=True,
-    ),
-    _Param(
-        "max_frame_age_s",
-        "max_frame_age_s",
-        0.0,
-        "Drop frames older than this (0 = no limit).",
-        _float_range(0.0, 3600.0),
-        dynamic=True,
-    ),
-    _Param(
-        "max_image_pixels",
-        "max_image_pixels",
-        _D.max_image_pixels,
-        "Reject images with more pixels.",
-        _int_range(1, 1_000_000_000),
-        dynamic=True,
-    ),
-    _Param("publish_tf", "publish_tf", True, "Broadcast the pose on TF (see tf_mode).", dynamic=True),
-    _Param("tf_mode", "tf_mode", _D.tf_mode, f"One of {TF_MODES}."),
-    _Param(
-        "tf_lookup_timeout_s",
-        "tf_lookup_timeout_s",
-        _D.tf_lookup_timeout_s,
-        "Timeout of the odom -> base lookup (tf_mode map_to_odom).",
-        _float_range(0.0, 10.0),
-        dynamic=True,
-    ),
-    _Param(
-        "relocalize.samples",
-        "relocalize_samples",
-        5,
-        "Confident estimates fused by ~/relocalize.",
-        _int_range(1, 1000),
-        dynamic=True,
-    ),
-    _Param(
-        "relocalize.timeout_s",
-        "relocalize_timeout_s",
-        10.0,
-        "How long ~/relocalize waits for its samples.",
-        _float_range(0.1, 600.0),
-        dynamic=True,
-    ),
-    _Param("initialpose_topic", "initialpose_topic", "/initialpose", "Where ~/relocalize publishes its pose."),
-    _Param("hint.enable", "hint_enable", False, "Publish the next confident estimate on each hint trigger."),
-    _Param("hint.trigger_topic", "hint_trigger_topic", _D.hint_trigger_topic, "Hint trigger topic."),
-    _Param("hint.trigger_type", "hint_trigger_type", "empty", "empty (std_msgs/Empty) or bool (std_msgs/Bool)."),
-    _Param("hint.output_topic", "hint_output_topic", "", "Hint output topic; empty = initialpose_topic."),
-    _Param(
-        "diagnostics_period_s",
-        "diagnostics_period_s",
-        1.0,
-        "Period of /diagnostics.",
-        {**_float_range(0.05, 60.0), **_RO},
-    ),
-]
-_DYNAMIC = {p.name for p in _PARAMS if p.dynamic}
-
-
-def _validate(name: str, value: Any) -> str | None:
-    """One sentence on why ``value`` is not acceptable for parameter ``name``, or None."""
-    choices = {
-        "backend": BACKENDS,
-        "precision": PRECISIONS,
-        "image_transport": TRANSPORTS,
-        "qos": QOS_CHOICES,
-        "tf_mode": TF_MODES,
-        "hint.trigger_type": HINT_TYPES,
-    }
-    if name in choices and value not in choices[name]:
-        return f"parameter {name} must be one of {', '.join(choices[name])}, got {value!r}"
-    if name == "device" and not (value in ("auto", "cpu", "cuda") or _is_cuda_index(value)):
-        return f"parameter device must be auto, cpu, cuda or cuda:N, got {value!r}"
-    if name in ("map_frame", "odom_frame") and not value:
-        return f"parameter {name} must not be empty"
-    if name in ("image_topic", "initialpose_topic") and not value:
-        return f"parameter {name} must not be empty"
-    if name in ("base_to_camera.xyz", "covariance.position", "covariance.orientation"):
-        arr = np.asarray(value, dtype=np.float64)
-        if arr.shape != (3,) or not np.all(np.isfinite(arr)):
-            return f"parameter {name} must be a list of 3 finite numbers, got {list(value)}"
-        if name.startswith("covariance.") and np.any(arr < 0):
-            return f"parameter {name} must contain variances >= 0, got {list(value)}"
-    if name == "base_to_camera.quat_xyzw":
-        arr = np.asarray(value, dtype=np.float64)
-        if arr.shape != (4,) or not np.all(np.isfinite(arr)) or np.linalg.norm(arr) < 1e-6:
-            return f"parameter {name} must be a non-zero quaternion [x, y, z, w], got {list(value)}"
-    return None
-
-
-def _is_cuda_index(value: str) -> bool:
-    return isinstance(value, str) and value.startswith("cuda:") and value[5:].isdigit()
-
-
-# --------------------------------------------------------------------------------------------- statistics
 class _Stats:
-    """Thread-safe counters and latency window for diagnostics."""
+    """Thread-safe counters, last values and delay windows for diagnostics."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.received = 0
-        self.processed = 0
-        self.published = 0
-        self.stale = 0
-        self.rejected = 0
-        self.last_reject_reason = ""
-        self.low_confidence = 0
-        self.non_finite = 0
-        self.inference_errors = 0
-        self.lost_in_transport = 0
-        self.tf_failures = 0
-        self.relocalizations = 0
-        self.hints = 0
+        self.c = dict.fromkeys(_COUNTERS, 0)
+        self.last_failure = ""
         self.last_scene = ""
         self.last_confidence = float("nan")
         self.latency_ms: collections.deque[float] = collections.deque(maxlen=600)
-        self.inference_ms: collections.deque[float] = collections.deque(maxlen=600)
+        self.delay_s: collections.deque[float] = collections.deque(maxlen=600)
 
     def add(self, **counts: int) -> None:
         with self.lock:
             for k, v in counts.items():
-                setattr(self, k, getattr(self, k) + v)
+                self.c[k] += v
+
+    def fail(self, counter: str, reason: str) -> None:
+        with self.lock:
+            self.c[counter] += 1
+            self.last_failure = truncate(reason)
 
 
-@dataclasses.dataclass
-class _Sample:
-    pose: np.ndarray  # tracked-frame pose in the map (7,)
-    scene_name: str
-    confidence: float
-    stamp: Any  # builtin_interfaces/Time
+class _Yield:
+    """Awaitable that hands control back to the executor once (rclpy resumes the task on its next iteration)."""
+
+    def __await__(self):
+        yield
 
 
-class _Collector:
-    """Gathers confident estimates for one ~/relocalize call."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-        self.samples: list[_Sample] = []
-        self.done = threading.Event()
-
-    def offer(self, sample: _Sample) -> None:
-        if len(self.samples) < self.n:
-            self.samples.append(sample)
-        if len(self.samples) >= self.n:
-            self.done.set()
-
-
-def _fuse(samples: list[_Sample]) -> tuple[np.ndarray, str, int, float, float]:
-    """Fuse samples of the most frequent scene: (pose (7,), scene, n used, position spread m, rotation spread deg).
-
-    Position: per-axis median; orientation: :func:`geometry.quat_average`. Spreads are the largest distance of a
-    used sample from the fused pose.
-    """
-    scenes = collections.Counter(s.scene_name for s in samples)
-    scene, _ = scenes.most_common(1)[0]
-    used = [s for s in samples if s.scene_name == scene]
-    poses = np.stack([s.pose for s in used])
-    position = np.median(poses[:, :3], axis=0)
-    quat = geometry.quat_average(poses[:, 3:7])
-    fused = np.concatenate([position, quat])
-    pos_err, rot_err = geometry.pose_errors(poses, fused[None, :])
-    return fused, scene, len(used), float(np.max(pos_err)), float(np.max(rot_err))
-
-
-# --------------------------------------------------------------------------------------------- the node
 class LocalizerNode(LifecycleNode):
     """Lifecycle node wrapping :class:`apr_localizer.localizer.Localizer` (see the module docstring)."""
 
     def __init__(self, node_name: str = "apr_localizer", **kwargs: Any) -> None:
         super().__init__(node_name, **kwargs)
-        self._cfg = NodeConfig()
+        self._param_errors: dict[str, str] = {}
+        for p in PARAMS:
+            desc = ParameterDescriptor(description=p.description, read_only=p.read_only)
+            try:
+                self.declare_parameter(p.name, p.default, desc)
+            except InvalidParameterTypeException as exc:
+                hint = " (write floating-point values with a decimal point, e.g. 5.0)" if "DOUBLE" in str(exc) else ""
+                self._param_errors[p.name] = f"parameter {p.name} has the wrong type: {exc.args[0]}{hint}"
+                self.declare_parameter(p.name, p.default, desc, ignore_override=True)
+        for p in PARAMS:
+            reason = validate(p.name, self.get_parameter(p.name).value)
+            if reason is not None:
+                self._param_errors[p.name] = reason
+        for reason in self._param_errors.values():
+            self.get_logger().error(f"invalid parameter: {reason}; configure is refused until it is fixed")
+        self._cfg = self._read_config()
         self._cfg_lock = threading.Lock()
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self.add_post_set_parameters_callback(self._after_set_parameters)
-        for p in _PARAMS:
-            note = "" if p.dynamic or p.descriptor.get("read_only") else " Applied at the next configure/activate."
-            self.declare_parameter(
-                p.name, p.default, ParameterDescriptor(description=p.description + note, **p.descriptor)
-            )
 
         self._stats = _Stats()
         self._mailbox = LatestMailbox()
-        self._localizer = None
+        self._localizer: Any = None
         self._worker: threading.Thread | None = None
         self._stop = threading.Event()
+        self._abort = threading.Event()  # a signal during configure
         self._active = threading.Event()
-        self._effective_tf_mode = self._cfg.tf_mode
-        self._base_T_camera = np.array(self._cfg.base_to_camera)
-        self._warned_no_frame = False
+        self._tf = TfBuffer(cache_s=self._cfg.tf_cache_s)
+        self._map_odom = node_logic.MapOdomFilter()
+        self._map_odom_lock = threading.Lock()
+        self._camera_frame_hint = ""
+        self._camera_info: tuple[tuple[float, ...], int, int] | None = None
+        self._trained_camera: dict | None = None
         self._last_seq: dict[bytes, int] = {}
         self._image_type: type = Image
-
         self._pubs: dict[str, Any] = {}
-        self._tf_broadcaster = None
-        self._tf_buffer = None
-        self._tf_listener = None
-        self._image_sub = None
-        self._hint_sub = None
-        self._relocalize_srv = None
-        self._image_group = MutuallyExclusiveCallbackGroup()
+        self._subs: dict[str, Any] = {}
+        self._srv: Any = None
+        self._tf_timer: Any = None
         self._service_group = MutuallyExclusiveCallbackGroup()
-
-        self._collector: _Collector | None = None
+        self._collector: Collector | None = None
         self._collector_lock = threading.Lock()
         self._hint_pending = threading.Event()
         self._last_error = ""
-        self._diag_last = (time.monotonic(), 0, 0)
-        # /diagnostics runs in every lifecycle state (a node stuck in unconfigured reports why), on a steady clock
+        self._diag_last = (time.monotonic(), dict(self._stats.c))
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self._diag_timer = self.create_timer(
             self.get_parameter("diagnostics_period_s").value,
             self._publish_diagnostics,
             clock=Clock(clock_type=ClockType.STEADY_TIME),
         )
-        self.get_logger().info(f"created; state unconfigured (tf2_ros {'found' if HAVE_TF2_ROS else 'not found'})")
+        self.get_logger().info("created; state unconfigured")
 
     # ------------------------------------------------------------------------------------ parameters
     @property
@@ -505,78 +184,75 @@ class LocalizerNode(LifecycleNode):
         with self._cfg_lock:
             return self._cfg
 
+    def _read_config(self) -> NodeConfig:
+        return config_from_values({p.name: self.get_parameter(p.name).value for p in PARAMS})
+
     def _on_set_parameters(self, params: list[Parameter]) -> SetParametersResult:
         for p in params:
-            reason = _validate(p.name, p.value)
+            reason = validate(p.name, p.value)
             if reason is not None:
                 return SetParametersResult(successful=False, reason=reason)
-        return SetParametersResult(successful=True)
+        merged = {**self.config.values, **{p.name: p.value for p in params}}
+        reason = cross_check(config_from_values(merged))
+        return SetParametersResult(successful=reason is None, reason=reason or "")
 
     def _after_set_parameters(self, params: list[Parameter]) -> None:
-        if any(p.name in _DYNAMIC for p in params) and hasattr(self, "_stats"):
-            fresh = self._read_config()
-            with self._cfg_lock:
-                self._cfg = dataclasses.replace(
-                    self._cfg, **{f.name: getattr(fresh, f.name) for f in _dynamic_fields()}
-                )
-
-    def _read_config(self) -> NodeConfig:
-        """Build a :class:`NodeConfig` from the current parameter values."""
-        get = self.get_parameter
-        values: dict[str, Any] = {}
-        for p in _PARAMS:
-            if p.field is not None:
-                values[p.field] = get(p.name).value
-        xyz = [float(v) for v in get("base_to_camera.xyz").value]
-        q_wxyz = geometry.quat_from_ros([float(v) for v in get("base_to_camera.quat_xyzw").value])
-        values["base_to_camera"] = tuple(np.concatenate([xyz, geometry.quat_normalize(q_wxyz)]).tolist())
-        values["covariance_position"] = tuple(float(v) for v in get("covariance.position").value)
-        values["covariance_orientation"] = tuple(float(v) for v in get("covariance.orientation").value)
-        return NodeConfig(**values)
+        dynamic = {p.name for p in PARAMS if p.dynamic}
+        for p in params:
+            self._param_errors.pop(p.name, None)
+        with self._cfg_lock:
+            values = dict(self._cfg.values)
+            values.update({p.name: p.value for p in params if p.name in dynamic})
+            self._cfg = config_from_values(values)
 
     # ------------------------------------------------------------------------------------ lifecycle
+    def request_abort(self) -> None:
+        """Abort a configure in progress and end a pending ``~/relocalize`` (a signal arrived)."""
+        self._abort.set()
+        self.abort_waits()
+
+    def abort_waits(self) -> None:
+        """End a running ``~/relocalize`` collection now (it then answers with what it has)."""
+        with self._collector_lock:
+            if self._collector is not None:
+                self._collector.done.set()
+
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
-        """Load and warm up the model, create the publishers, start the worker."""
-        log = self.get_logger()
+        """Load and warm up the model, subscribe to TF, create the publishers, start the worker."""
         cfg = self._read_config()
-        if not cfg.model_path:
-            return self._configure_failed("parameter model.path is empty; set it to a .safetensors or .pth model file")
-        tf_mode = cfg.tf_mode
-        if tf_mode == "map_to_odom" and not HAVE_TF2_ROS:
-            log.warning(
-                "tf_mode map_to_odom needs tf2_ros to look up odom -> base, and tf2_ros is not installed here; "
-                "falling back to tf_mode map_to_base"
-            )
-            tf_mode = "map_to_base"
-        if tf_mode in ("map_to_base", "map_to_odom") and not cfg.base_frame:
-            return self._configure_failed(f"tf_mode {tf_mode} needs parameter base_frame, which is empty")
-        if cfg.publish_tf and not HAVE_TF2_ROS and not ros_convert.HAVE_TF2_MSGS:
-            log.warning("publish_tf is true but neither tf2_ros nor tf2_msgs is importable; TF will not be published")
+        problem = next(iter(self._param_errors.values()), None) or cross_check(cfg)
+        if problem is None and not cfg.model_path:
+            problem = "parameter model.path is empty; set it to a .safetensors or .pth model file"
+        if problem is not None:
+            return self._configure_failed(problem)
         try:
             localizer = self._load_localizer(cfg)
         except Exception as exc:  # ModelLoadError and anything a broken model file can raise
-            return self._configure_failed(f"cannot load model {cfg.model_path!r}: {exc}")
-
+            return self._configure_failed(f"cannot load model {truncate(cfg.model_path)!r}: {truncate(str(exc))}")
+        if localizer is None:
+            return self._configure_failed("aborted by a signal")
         with self._cfg_lock:
             self._cfg = cfg
         self._localizer = localizer
-        self._effective_tf_mode = tf_mode
-        self._base_T_camera = np.asarray(cfg.base_to_camera, dtype=np.float64)
+        meta = {**localizer.bundle.provenance, **localizer.bundle.preprocess}
+        self._trained_camera = meta.get("camera") if isinstance(meta.get("camera"), dict) else None
+        self._tf = TfBuffer(cache_s=cfg.tf_cache_s)
+        self._map_odom = node_logic.MapOdomFilter()
         try:
-            self._create_publishers(cfg, tf_mode)
-        except Exception as exc:  # e.g. an invalid topic name in initialpose_topic / hint.output_topic
+            self._create_publishers(cfg)
+        except Exception as exc:
             self._release_configured()
             return self._configure_failed(f"cannot create the publishers: {exc}")
         self._stats = _Stats()
+        self._diag_last = (time.monotonic(), dict(self._stats.c))
         self._mailbox = LatestMailbox()
         self._stop.clear()
         self._worker = threading.Thread(target=self._worker_loop, name="apr_localizer_worker", daemon=True)
         self._worker.start()
-        self._diag_last = (time.monotonic(), 0, 0)
         self._last_error = ""
-        log.info(
+        self.get_logger().info(
             f"configured: model {cfg.model_path} on {localizer.backend_name}/{localizer.device}, "
-            f"{len(localizer.scene_names)} scenes"
+            f"{len(localizer.scene_names)} scenes, output_pose {cfg.output_pose}, publish_tf {cfg.publish_tf}"
         )
         return super().on_configure(state)
 
@@ -585,7 +261,8 @@ class LocalizerNode(LifecycleNode):
         self.get_logger().error(self._last_error)
         return TransitionCallbackReturn.FAILURE
 
-    def _load_localizer(self, cfg: NodeConfig):
+    def _load_localizer(self, cfg: NodeConfig) -> Any:
+        """Load + warm up; None when a signal arrived meanwhile (the model is released again)."""
         from apr_localizer.localizer import Localizer, LocalizerOptions
 
         options = LocalizerOptions(
@@ -597,94 +274,79 @@ class LocalizerNode(LifecycleNode):
             cache_dir=cfg.cache_dir or None,
         )
         loc = Localizer.from_files(
-            model=cfg.model_path, iapr=cfg.iapr_path or None, pae=cfg.pae_path or None, options=options
+            cfg.model_path, cfg.model_iapr_path or None, cfg.model_pae_path or None, options=options
         )
         try:
-            loc.warmup()
+            if not self._abort.is_set():
+                loc.warmup()
         except BaseException:
             loc.close()
             raise
+        if self._abort.is_set():
+            loc.close()
+            return None
         return loc
 
-    def _create_publishers(self, cfg: NodeConfig, tf_mode: str) -> None:
-        reliable10 = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE, history=HistoryPolicy.KEEP_LAST)
-        self._pubs["pose"] = self.create_lifecycle_publisher(PoseStamped, "~/pose", reliable10)
-        self._pubs["pose_cov"] = self.create_lifecycle_publisher(
-            PoseWithCovarianceStamped, "~/pose_with_covariance", reliable10
-        )
-        self._pubs["initialpose"] = self.create_lifecycle_publisher(
-            PoseWithCovarianceStamped, cfg.initialpose_topic, reliable10
-        )
+    def _create_publishers(self, cfg: NodeConfig) -> None:
+        pub = self.create_lifecycle_publisher
+        self._pubs["pose"] = pub(PoseStamped, "~/pose", _RELIABLE10)
+        self._pubs["pose_cov"] = pub(PoseWithCovarianceStamped, "~/pose_with_covariance", _RELIABLE10)
+        self._pubs["initialpose"] = pub(PoseWithCovarianceStamped, cfg.initialpose_topic, _RELIABLE10)
         if cfg.hint_enable:
-            topic = cfg.hint_output_topic or cfg.initialpose_topic
-            if topic == cfg.initialpose_topic:
-                self._pubs["hint"] = self._pubs["initialpose"]
-            else:
-                self._pubs["hint"] = self.create_lifecycle_publisher(PoseWithCovarianceStamped, topic, reliable10)
-        if HAVE_TF2_ROS or ros_convert.HAVE_TF2_MSGS:  # created even if publish_tf is false: it is dynamic
-            if HAVE_TF2_ROS:
-                self._tf_broadcaster = tf2_ros.TransformBroadcaster(self)
-            elif ros_convert.HAVE_TF2_MSGS:
-                tf_qos = QoSProfile(
-                    depth=100,
-                    reliability=ReliabilityPolicy.RELIABLE,
-                    durability=DurabilityPolicy.VOLATILE,
-                    history=HistoryPolicy.KEEP_LAST,
-                )
-                self._pubs["tf"] = self.create_lifecycle_publisher(ros_convert.TFMessage, "/tf", tf_qos)
-        if tf_mode == "map_to_odom" and HAVE_TF2_ROS:
-            self._tf_buffer = tf2_ros.Buffer()
-            self._tf_listener = tf2_ros.TransformListener(self._tf_buffer, self, spin_thread=False)
+            self._pubs["hint"] = pub(PoseWithCovarianceStamped, cfg.hint_output_topic, _RELIABLE10)
+        if ros_convert.HAVE_TF2_MSGS:
+            self._pubs["tf"] = pub(ros_convert.TFMessage, "/tf", _TF_QOS)
+            self._subs["tf"] = self.create_subscription(ros_convert.TFMessage, "/tf", self._on_tf, _TF_QOS)
+            self._subs["tf_static"] = self.create_subscription(
+                ros_convert.TFMessage, "/tf_static", lambda m: self._on_tf(m, static=True), _TF_STATIC_QOS
+            )
+        elif cfg.publish_tf or cfg.extrinsic_source == "tf":
+            self.get_logger().warning("tf2_msgs is not importable: no TF input or output (build it: make venv)")
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
-        """Enable publishers; create the image and hint subscriptions and the ~/relocalize service."""
+        """Enable publishers; subscribe to images, camera info and hints; offer ~/relocalize; start the TF timer."""
         cfg = self.config
-        if cfg.qos == "sensor_data":
-            qos = QoSProfile(
-                depth=cfg.qos_depth,
-                reliability=qos_profile_sensor_data.reliability,
-                durability=qos_profile_sensor_data.durability,
-                history=HistoryPolicy.KEEP_LAST,
-            )
-        else:
-            qos = QoSProfile(
-                depth=cfg.qos_depth, reliability=ReliabilityPolicy.RELIABLE, history=HistoryPolicy.KEEP_LAST
-            )
-        msg_type = CompressedImage if cfg.image_transport == "compressed" else Image
+        reliability = ReliabilityPolicy.RELIABLE if cfg.qos == "reliable" else qos_profile_sensor_data.reliability
+        qos = QoSProfile(depth=cfg.qos_depth, reliability=reliability, history=HistoryPolicy.KEEP_LAST)
+        self._image_type = CompressedImage if cfg.image_transport == "compressed" else Image
         self._mailbox.clear()
         self._last_seq = {}
-        self._image_type = msg_type
         try:
-            self._image_sub = self.create_subscription(
-                msg_type, cfg.subscribed_topic, self._on_image, qos, callback_group=self._image_group, raw=True
+            self._subs["image"] = self.create_subscription(
+                self._image_type, cfg.subscribed_topic, self._on_image, qos, raw=True
             )
-            if cfg.hint_enable:
-                trigger_type = Bool if cfg.hint_trigger_type == "bool" else Empty
-                self._hint_sub = self.create_subscription(
-                    trigger_type, cfg.hint_trigger_topic, self._on_hint_trigger, 10, callback_group=self._image_group
+            if self._trained_camera is not None and cfg.camera_info_check != "off":
+                self._subs["camera_info"] = self.create_subscription(
+                    CameraInfo, cfg.camera_info, self._on_camera_info, qos_profile_sensor_data
                 )
-            self._relocalize_srv = self.create_service(
+            if cfg.hint_enable:
+                self._subs["hint"] = self.create_subscription(
+                    PoseWithCovarianceStamped, cfg.hint_trigger_topic, lambda _m: self._hint_pending.set(), 10
+                )
+            self._srv = self.create_service(
                 Trigger, "~/relocalize", self._on_relocalize, callback_group=self._service_group
             )
-        except Exception as exc:  # e.g. an invalid image_topic; rclpy would swallow it silently
+            if cfg.tf_mode == "map_to_odom":  # publish_tf is dynamic: the timer checks it
+                self._tf_timer = self.create_timer(1.0 / cfg.tf_rate_hz, self._republish_map_odom)
+        except Exception as exc:  # rclpy refuses a name the validation let through: fail the transition
             self._release_active()
-            self.get_logger().error(f"activate failed: {exc}")
+            self.get_logger().error(f"activate failed: {truncate(str(exc))}")
             return TransitionCallbackReturn.FAILURE
         self._active.set()
         self.get_logger().info(
-            f"active: subscribed to {self.resolve_topic_name(cfg.subscribed_topic)} "
-            f"({msg_type.__name__}, qos {cfg.qos} depth {cfg.qos_depth})"
+            f"active: subscribed to {self._resolved(cfg.subscribed_topic)} "
+            f"({self._image_type.__name__}, qos {cfg.qos} depth {cfg.qos_depth})"
         )
         return super().on_activate(state)
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
-        """Destroy subscriptions and the service; drop the pending frame; abort a running relocalize."""
+        """Destroy the subscriptions, service and timer; drop the pending frame; end a running relocalize."""
         self._release_active()
         self.get_logger().info("deactivated")
         return super().on_deactivate(state)
 
     def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
-        """Stop the worker, destroy the publishers, close the model."""
+        """Stop the worker, destroy the publishers and TF subscriptions, close the model."""
         self._release_configured()
         self.get_logger().info("cleaned up")
         return super().on_cleanup(state)
@@ -703,24 +365,20 @@ class LocalizerNode(LifecycleNode):
         self._release_configured()
         return TransitionCallbackReturn.SUCCESS
 
-    def abort_waits(self) -> None:
-        """End a running ``~/relocalize`` wait now (it then answers with what it has); used on SIGINT."""
-        with self._collector_lock:
-            if self._collector is not None:
-                self._collector.done.set()
-
     def _release_active(self) -> None:
         self._active.clear()
         self._hint_pending.clear()
         self.abort_waits()
-        for attr in ("_image_sub", "_hint_sub"):
-            sub = getattr(self, attr)
+        for key in ("image", "camera_info", "hint"):
+            sub = self._subs.pop(key, None)
             if sub is not None:
                 self.destroy_subscription(sub)
-                setattr(self, attr, None)
-        if self._relocalize_srv is not None:
-            self.destroy_service(self._relocalize_srv)
-            self._relocalize_srv = None
+        if self._srv is not None:
+            self.destroy_service(self._srv)
+            self._srv = None
+        if self._tf_timer is not None:
+            self.destroy_timer(self._tf_timer)
+            self._tf_timer = None
         self._mailbox.clear()
 
     def _release_configured(self) -> None:
@@ -731,16 +389,12 @@ class LocalizerNode(LifecycleNode):
             if self._worker.is_alive():
                 self.get_logger().error("worker thread did not stop within 30 s")
             self._worker = None
-        for pub in {id(p): p for p in self._pubs.values()}.values():
+        for pub in self._pubs.values():
             self.destroy_lifecycle_publisher(pub)
         self._pubs.clear()
-        if self._tf_broadcaster is not None:
-            self.destroy_publisher(self._tf_broadcaster.pub_tf)
-            self._tf_broadcaster = None
-        if self._tf_listener is not None:
-            self._tf_listener.unregister()
-            self._tf_listener = None
-            self._tf_buffer = None
+        for sub in self._subs.values():
+            self.destroy_subscription(sub)
+        self._subs.clear()
         if self._localizer is not None:
             try:
                 self._localizer.close()
@@ -749,12 +403,10 @@ class LocalizerNode(LifecycleNode):
 
     # ------------------------------------------------------------------------------------ callbacks
     def _on_image(self, data: bytes, info: dict) -> None:
-        """Store the serialized message (raw subscription: frames that get replaced are never deserialized)."""
+        """Store the serialized message (frames that get replaced are never deserialized)."""
         lost = self._transport_gap(info)
-        with self._stats.lock:
-            self._stats.received += 1
-            self._stats.lost_in_transport += lost
-        self._mailbox.put((data, self._image_type, time.monotonic()))
+        self._stats.add(received=1, lost_in_transport=lost)
+        self._mailbox.put((data, self._image_type, time.monotonic(), self.get_clock().now().nanoseconds))
 
     def _transport_gap(self, info: dict) -> int:
         """Messages a publisher sent that never reached this callback (DDS history overwrites), from sequence gaps."""
@@ -768,127 +420,141 @@ class LocalizerNode(LifecycleNode):
             self._last_seq = {key: seq}
         return max(0, seq - last - 1) if last is not None and seq > last else 0
 
-    def _on_hint_trigger(self, msg: Empty | Bool) -> None:
-        if isinstance(msg, Bool) and not msg.data:
-            return
-        self._hint_pending.set()
+    def _on_tf(self, msg: Any, static: bool = False) -> None:
+        """Feed the TF buffer; skip our own broadcasts and frame ids tf2 would not accept."""
+        cfg = self.config
+        for tr in msg.transforms:
+            parent, child = tr.header.frame_id, tr.child_frame_id
+            if parent == cfg.map_frame and child in (cfg.odom_frame, cfg.base_frame, self._camera_frame_hint):
+                continue  # ours (or another localizer's map edge, which is not part of the robot's tree)
+            if len(parent) > 255 or len(child) > 255 or not parent or not child or parent == child:
+                continue
+            try:
+                pose = transform_msg_pose(tr.transform)  # raises ValueError for a zero/non-finite quaternion
+                if np.all(np.isfinite(pose)):
+                    self._tf.add_transform(parent, child, ros_convert.time_to_ns(tr.header.stamp), pose, static)
+            except (ValueError, OverflowError):
+                continue
 
-    def _on_relocalize(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
+    def _on_camera_info(self, msg: CameraInfo) -> None:
+        self._camera_info = (tuple(float(v) for v in msg.k), int(msg.width), int(msg.height))
+
+    async def _on_relocalize(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
+        """Collect ``relocalize.samples`` still, confident estimates without blocking the executor; fuse; publish."""
         cfg = self.config
         if not self._active.is_set():
             response.success, response.message = False, "the node is not active; activate it first"
             return response
-        collector = _Collector(cfg.relocalize_samples)
+        collector = Collector(cfg.relocalize_samples)
         with self._collector_lock:
             if self._collector is not None:
                 response.success, response.message = False, "a relocalize request is already running"
                 return response
             self._collector = collector
-        # A single-threaded executor cannot run the image callback while this one waits: take the frames from the
-        # subscription here instead. A MultiThreadedExecutor delivers them through its other threads.
-        pump = not isinstance(self.executor, MultiThreadedExecutor)
         deadline = time.monotonic() + cfg.relocalize_timeout_s
         try:
-            while self._active.is_set() and not collector.done.is_set():
-                remaining = deadline - time.monotonic()
-                if remaining <= 0.0:
-                    break
-                if pump:
-                    self._pump_images()
-                collector.done.wait(min(remaining, 0.005 if pump else 0.1))
+            while self._active.is_set() and not collector.done.is_set() and time.monotonic() < deadline:
+                await _Yield()
+                if not collector.done.is_set():
+                    collector.done.wait(0.002)  # keeps an idle executor from spinning hot on this task
         finally:
             with self._collector_lock:
                 self._collector = None
-        samples = list(collector.samples)
+        samples = collector.snapshot()
+        moving = f", {collector.rejected_moving} rejected while odom showed motion" if collector.rejected_moving else ""
         if len(samples) < collector.n:
             response.success = False
             response.message = (
-                f"got {len(samples)} of {collector.n} confident estimates within {cfg.relocalize_timeout_s:g} s "
-                f"(min_confidence {cfg.min_confidence:g}); nothing published"
+                f"got {len(samples)} of {collector.n} confident estimates within {cfg.relocalize_timeout_s:g} s"
+                f"{moving}; nothing published"
             )
             return response
-        fused, scene, n_used, pos_spread, rot_spread = _fuse(samples)
-        mean_conf = float(np.mean([s.confidence for s in samples if s.scene_name == scene]))
-        cov = self._covariance(cfg, mean_conf)
-        # widen the configured covariance with the observed spread of the fused samples
-        diag = cov.reshape(6, 6).diagonal().copy()
-        diag[:3] = np.maximum(diag[:3], pos_spread**2)
-        diag[3:] = np.maximum(diag[3:], np.radians(rot_spread) ** 2)
-        msg = ros_convert.pose_with_covariance_stamped(
-            fused, np.diag(diag).reshape(36), cfg.map_frame, samples[-1].stamp
-        )
+        fused = fuse(samples)
+        cov = widen_covariance(self._covariance(cfg, fused.mean_confidence), fused)
+        stamp = ros_convert.ns_to_time(fused.stamp_ns)
+        msg = ros_convert.pose_with_covariance_stamped(fused.pose, cov, fused.frame_id, stamp)
         self._pubs["initialpose"].publish(msg)
         self._stats.add(relocalizations=1)
+        p = fused.pose
         response.success = True
         response.message = (
-            f"published {self.resolve_topic_name(cfg.initialpose_topic)} from n={n_used} of {len(samples)} "
-            f"estimates, scene {scene}, spread {pos_spread:.3f} m / {rot_spread:.2f} deg, "
-            f"position [{fused[0]:.3f}, {fused[1]:.3f}, {fused[2]:.3f}]"
+            f"published {self._resolved(cfg.initialpose_topic)} from n={fused.n_used} of {len(samples)} "
+            f"estimates{moving}, scene {fused.scene}, spread {fused.position_spread_m:.3f} m / "
+            f"{fused.rotation_spread_deg:.2f} deg, position [{p[0]:.3f}, {p[1]:.3f}, {p[2]:.3f}]"
         )
         self.get_logger().info(response.message)
         return response
 
-    def _pump_images(self) -> None:
-        """Take the waiting image messages straight from the subscription and hand them to :meth:`_on_image`."""
-        sub = self._image_sub
-        if sub is None:
-            return
-        try:
-            with sub.handle:
-                while (taken := sub.handle.take_message(sub.msg_type, sub.raw)) is not None:
-                    self._on_image(*taken)
-        except InvalidHandle:  # destroyed by a concurrent deactivate
-            pass
-
     # ------------------------------------------------------------------------------------ worker
     def _worker_loop(self) -> None:
-        next_allowed = 0.0
+        last_start = -1e9
         while not self._stop.is_set():
-            cfg = self.config
-            if cfg.max_rate_hz > 0.0:
-                wait = next_allowed - time.monotonic()
-                if wait > 0.0 and self._stop.wait(wait):
-                    break
+            rate = self.config.max_rate_hz
+            wait = last_start + 1.0 / rate - time.monotonic() if rate > 0.0 else 0.0
+            if wait > 0.0:  # bounded (max_rate_hz >= 0.1) and re-read every 0.25 s, so a new rate applies at once
+                self._stop.wait(min(wait, 0.25))
+                continue
             item = self._mailbox.get(timeout=0.25)
             if item is None or not self._active.is_set():
                 continue
-            cfg = self.config  # parameters may have changed while waiting
-            started = time.monotonic()
-            if cfg.max_rate_hz > 0.0:
-                next_allowed = started + 1.0 / cfg.max_rate_hz
+            cfg = self.config
+            last_start = time.monotonic()
             try:
                 self._process(*item, cfg)
             except Exception as exc:  # never let one frame kill the worker
-                self._stats.add(inference_errors=1)
+                self._stats.fail("processing_errors", f"{type(exc).__name__}: {exc}")
                 self.get_logger().error(
-                    f"frame processing failed: {type(exc).__name__}: {exc}", throttle_duration_sec=_LOG_THROTTLE_S
+                    f"frame processing failed: {type(exc).__name__}: {truncate(str(exc))}",
+                    throttle_duration_sec=_LOG_THROTTLE_S,
                 )
 
-    def _reject(self, reason: str) -> None:
-        with self._stats.lock:
-            self._stats.rejected += 1
-            self._stats.last_reject_reason = reason
-        self.get_logger().warning(f"dropped an input image: {reason}", throttle_duration_sec=_LOG_THROTTLE_S)
+    def _reject(self, reason: str, counter: str = "rejected") -> None:
+        self._stats.fail(counter, reason)
+        self.get_logger().warning(f"dropped an input image: {truncate(reason)}", throttle_duration_sec=_LOG_THROTTLE_S)
 
-    def _process(self, data: bytes, msg_type: type, received: float, cfg: NodeConfig) -> None:
+    def _check_frame(self, msg: Any, received_ns: int, cfg: NodeConfig) -> tuple[Any, bool, str] | None:
+        """Stamp and frame checks: (stamp to use, stamp replaced?, camera frame) or None (rejected and counted)."""
+        stamp = msg.header.stamp
+        now_ns = self.get_clock().now().nanoseconds
+        problem = node_logic.stamp_problem(stamp.sec, stamp.nanosec, now_ns, cfg.stamps_max_future_s, 0.0)
+        replaced = False
+        if problem is not None:
+            if cfg.stamps_invalid != "receive_time":
+                self._reject(problem)
+                return None
+            stamp, replaced = ros_convert.ns_to_time(received_ns), True
+            self._stats.add(stamps_replaced=1)
+        age_problem = node_logic.stamp_problem(stamp.sec, stamp.nanosec, now_ns, 3600.0, cfg.max_frame_age_s)
+        if age_problem is not None:
+            self._reject(f"{age_problem}; replaying a bag needs use_sim_time", counter="stale")
+            return None
+        frame = cfg.camera_frame or msg.header.frame_id
+        frame_problem = frame_id_problem(frame)
+        if frame_problem is not None:
+            self._reject(f"header.frame_id {truncate(repr(frame), 64)} {frame_problem} (or set camera_frame)")
+            return None
+        self._camera_frame_hint = frame
+        if self._camera_info is not None and self._trained_camera is not None and cfg.camera_info_check != "off":
+            k, w, h = self._camera_info
+            mismatch = node_logic.intrinsics_mismatch(self._trained_camera, k, w, h, cfg.camera_info_tolerance)
+            if mismatch is not None:
+                if cfg.camera_info_check == "refuse":
+                    self._reject(mismatch)
+                    return None
+                self.get_logger().warning(mismatch, throttle_duration_sec=60.0)
+        return stamp, replaced, frame
+
+    def _process(self, data: bytes, msg_type: type, received: float, received_ns: int, cfg: NodeConfig) -> None:
         try:
             msg = deserialize_message(data, msg_type)
         except Exception as exc:  # a CDR buffer that does not hold a msg_type
             self._reject(f"cannot deserialize a {msg_type.__name__} message: {exc}")
             return
         del data
-        stamp = msg.header.stamp
-        stamp_ns = ros_convert.time_to_ns(stamp)
-        if cfg.max_frame_age_s > 0.0 and stamp_ns > 0:
-            age = (self.get_clock().now().nanoseconds - stamp_ns) * 1e-9
-            if age > cfg.max_frame_age_s:
-                self._stats.add(stale=1)
-                self.get_logger().warning(
-                    f"dropped a stale image ({age:.2f} s old > max_frame_age_s {cfg.max_frame_age_s:g}); "
-                    "replaying a bag needs use_sim_time",
-                    throttle_duration_sec=_LOG_THROTTLE_S,
-                )
-                return
+        checked = self._check_frame(msg, received_ns, cfg)
+        if checked is None:
+            return
+        stamp, replaced, camera_frame = checked
         try:
             rgb = ros_convert.msg_to_rgb(msg, cfg.max_image_pixels)
         except ImageDecodeError as exc:
@@ -900,45 +566,68 @@ class LocalizerNode(LifecycleNode):
         est = self._localizer.localize(rgb)
         del rgb
         with self._stats.lock:
-            self._stats.processed += 1
-            self._stats.inference_ms.append(float(est.timings_ms.get("total", float("nan"))))
+            self._stats.c["processed"] += 1
+            self._stats.latency_ms.append(float(est.timings_ms.get("total", float("nan"))))
         if not est.is_finite():
-            self._stats.add(non_finite=1)
-            self.get_logger().warning("estimate has NaN/inf entries; not published", throttle_duration_sec=5.0)
+            self._stats.fail("non_finite", "the estimate has NaN/inf entries")
             return
         if est.confidence < cfg.min_confidence:
             self._stats.add(low_confidence=1)
             return
+        if cfg.allowed_scenes and est.scene_name not in cfg.allowed_scenes:
+            self._stats.add(filtered_scene=1)
+            return
+        self._publish_estimate(cfg, est, stamp, replaced, camera_frame, received)
 
-        camera_frame = cfg.camera_frame or msg.header.frame_id
-        if not camera_frame:
-            camera_frame = "camera"
-            if not self._warned_no_frame:
-                self._warned_no_frame = True
-                self.get_logger().warning("images have no frame_id and camera_frame is empty; using 'camera'")
-        map_T_camera = np.asarray(est.pose, dtype=np.float64)
-        map_T_base = geometry.camera_to_base(map_T_camera, self._base_T_camera) if cfg.base_frame else None
-        tracked = map_T_base if map_T_base is not None else map_T_camera
+    def _publish_estimate(self, cfg: NodeConfig, est: Any, stamp: Any, replaced: bool, camera_frame: str, received):
+        frame = cfg.scene_frames.get(est.scene_name, cfg.map_frame)
+        align = cfg.scene_alignment.get(est.scene_name)
+        map_t_camera = np.asarray(est.pose, dtype=np.float64)
+        if align is not None:
+            map_t_camera = geometry.pose_compose(align, map_t_camera)
+        stamp_ns = ros_convert.time_to_ns(stamp)
+        map_t_base = None
+        if cfg.output_pose == "base" or (cfg.publish_tf and cfg.tf_mode != "map_to_camera"):
+            base_t_camera = self._extrinsic(cfg, camera_frame, stamp_ns)
+            if base_t_camera is None:
+                return
+            map_t_base = geometry.camera_to_base(map_t_camera, base_t_camera)
+        tracked = map_t_base if cfg.output_pose == "base" else map_t_camera
         cov = self._covariance(cfg, est.confidence)
-
-        self._pubs["pose"].publish(ros_convert.pose_stamped(tracked, cfg.map_frame, stamp))
-        self._pubs["pose_cov"].publish(ros_convert.pose_with_covariance_stamped(tracked, cov, cfg.map_frame, stamp))
-        if cfg.publish_tf:
-            self._publish_tf(cfg, stamp, camera_frame, map_T_camera, map_T_base)
-
-        sample = _Sample(tracked, est.scene_name, float(est.confidence), ros_convert.time_copy(stamp))
+        self._pubs["pose"].publish(ros_convert.pose_stamped(tracked, frame, stamp))
+        self._pubs["pose_cov"].publish(ros_convert.pose_with_covariance_stamped(tracked, cov, frame, stamp))
+        if cfg.publish_tf and not replaced and frame == cfg.map_frame and "tf" in self._pubs:
+            self._publish_tf(cfg, stamp_ns, camera_frame, map_t_camera, map_t_base)
         with self._collector_lock:
-            if self._collector is not None:
-                self._collector.offer(sample)
+            collector = self._collector
+        if collector is not None:
+            self._offer_sample(cfg, collector, Sample(tracked, est.scene_name, float(est.confidence), stamp_ns, frame))
         if self._hint_pending.is_set() and "hint" in self._pubs:
             self._hint_pending.clear()
-            self._pubs["hint"].publish(ros_convert.pose_with_covariance_stamped(tracked, cov, cfg.map_frame, stamp))
+            self._pubs["hint"].publish(ros_convert.pose_with_covariance_stamped(tracked, cov, frame, stamp))
             self._stats.add(hints=1)
+        now_ns = self.get_clock().now().nanoseconds
         with self._stats.lock:
-            self._stats.published += 1
-            self._stats.last_scene = est.scene_name
+            self._stats.c["published"] += 1
+            self._stats.last_scene = truncate(est.scene_name, 64)
             self._stats.last_confidence = float(est.confidence)
             self._stats.latency_ms.append((time.monotonic() - received) * 1e3)
+            self._stats.delay_s.append((now_ns - stamp_ns) * 1e-9)
+
+    def _extrinsic(self, cfg: NodeConfig, camera_frame: str, stamp_ns: int) -> np.ndarray | None:
+        """base_T_camera from the override parameters or from TF at the image stamp (None: counted failure)."""
+        if cfg.extrinsic_source == "parameters":
+            return cfg.base_t_camera_override
+        try:
+            return self._tf.lookup_one(cfg.base_frame, camera_frame, stamp_ns, cfg.tf_lookup_tolerance_s)
+        except LookupError as exc:
+            self._stats.fail("tf_failures", f"no TF {cfg.base_frame} <- {camera_frame}: {exc}")
+            self.get_logger().warning(
+                f"no base <- camera extrinsic: {truncate(str(exc))}; publish it on /tf_static, or set "
+                "extrinsic_source parameters, or output_pose camera",
+                throttle_duration_sec=_LOG_THROTTLE_S,
+            )
+            return None
 
     def _covariance(self, cfg: NodeConfig, confidence: float) -> np.ndarray:
         return ros_convert.covariance_from_diagonal(
@@ -948,147 +637,186 @@ class LocalizerNode(LifecycleNode):
             scale_by_confidence=cfg.covariance_scale_by_confidence,
         )
 
-    def _publish_tf(self, cfg: NodeConfig, stamp, camera_frame: str, map_T_camera, map_T_base) -> None:
-        mode = self._effective_tf_mode
-        if mode == "map_to_camera":
-            tf = ros_convert.transform_stamped(map_T_camera, cfg.map_frame, camera_frame, stamp)
-        elif mode == "map_to_base":
-            tf = ros_convert.transform_stamped(map_T_base, cfg.map_frame, cfg.base_frame, stamp)
-        else:
-            odom_T_base = self._lookup_odom_to_base(cfg, stamp)
-            if odom_T_base is None:
-                return
-            map_T_odom = geometry.map_to_odom(map_T_base, odom_T_base)
-            tf = ros_convert.transform_stamped(map_T_odom, cfg.map_frame, cfg.odom_frame, stamp)
-        if self._tf_broadcaster is not None:
-            self._tf_broadcaster.sendTransform(tf)
-        elif "tf" in self._pubs:
-            self._pubs["tf"].publish(ros_convert.tf_message([tf]))
+    def _offer_sample(self, cfg: NodeConfig, collector: Collector, sample: Sample) -> None:
+        limits = MotionLimits(
+            cfg.relocalize_max_linear_speed,
+            cfg.relocalize_max_angular_speed,
+            cfg.relocalize_motion_window_s,
+            cfg.tf_lookup_tolerance_s,
+            cfg.relocalize_require_odom,
+        )
+        speed = odom_speed(
+            self._tf, cfg.odom_frame, cfg.base_frame or "", sample.stamp_ns, limits.window_s, limits.tolerance_s
+        )
+        if collector.offer(sample, speed, limits) == "moving":
+            self._stats.add(relocalize_rejected_moving=1)
+        if collector.done.is_set() and self.executor is not None:
+            self.executor.wake()
 
-    def _lookup_odom_to_base(self, cfg: NodeConfig, stamp) -> np.ndarray | None:
-        try:
-            tf = self._tf_buffer.lookup_transform(
-                cfg.odom_frame,
-                cfg.base_frame,
-                rclpy.time.Time.from_msg(stamp),
-                timeout=rclpy.duration.Duration(seconds=cfg.tf_lookup_timeout_s),
+    # ------------------------------------------------------------------------------------ TF output
+    def _publish_tf(self, cfg: NodeConfig, stamp_ns: int, camera_frame: str, map_t_camera, map_t_base) -> None:
+        mode = cfg.tf_mode
+        if mode == "map_to_odom":
+            try:
+                odom_t_base = self._tf.lookup_one(cfg.odom_frame, cfg.base_frame, stamp_ns, cfg.tf_lookup_tolerance_s)
+            except LookupError as exc:
+                self._stats.fail("tf_failures", f"no TF {cfg.odom_frame} <- {cfg.base_frame} at the image stamp")
+                self.get_logger().warning(
+                    f"map -> odom not updated: {truncate(str(exc))}", throttle_duration_sec=_LOG_THROTTLE_S
+                )
+                return
+            opts = node_logic.FilterOptions(
+                cfg.tf_planar,
+                cfg.tf_jump_max_position_m,
+                cfg.tf_jump_max_yaw_deg,
+                cfg.tf_jump_accept_after,
+                cfg.tf_smoothing,
             )
-        except Exception as exc:  # tf2 lookup/extrapolation/connectivity errors
-            self._stats.add(tf_failures=1)
-            self.get_logger().warning(
-                f"no TF {cfg.odom_frame} -> {cfg.base_frame} at the image stamp ({exc}); map -> odom not published",
+            with self._map_odom_lock:
+                if self._map_odom.update(geometry.map_to_odom(map_t_base, odom_t_base), opts) == "jump":
+                    self._stats.add(jumps_rejected=1)
+                    return
+            self._republish_map_odom()
+            return
+        child, pose = (camera_frame, map_t_camera) if mode == "map_to_camera" else (cfg.base_frame, map_t_base)
+        others = self._tf.parents_of(child) - {cfg.map_frame}
+        if others:
+            self._stats.fail("tf_refused", f"{child} already has parent {sorted(others)[0]}")
+            self.get_logger().error(
+                f"tf_mode {mode} refused: frame {child} already has the parent {sorted(others)[0]} in TF, and a "
+                "frame cannot have two parents; use tf_mode map_to_odom",
                 throttle_duration_sec=_LOG_THROTTLE_S,
             )
-            return None
-        return ros_convert.transform_from_msg(tf)
+            return
+        tf = ros_convert.transform_stamped(pose, cfg.map_frame, child, ros_convert.ns_to_time(stamp_ns))
+        self._pubs["tf"].publish(ros_convert.tf_message([tf]))
+
+    def _republish_map_odom(self) -> None:
+        """Send the current map -> odom stamped now + transform_tolerance_s (AMCL semantics)."""
+        cfg = self.config
+        with self._map_odom_lock:
+            current = self._map_odom.current
+        if current is None or "tf" not in self._pubs or not cfg.publish_tf:
+            return
+        stamp_ns = self.get_clock().now().nanoseconds + int(cfg.transform_tolerance_s * 1e9)
+        tf = ros_convert.transform_stamped(current, cfg.map_frame, cfg.odom_frame, ros_convert.ns_to_time(stamp_ns))
+        self._pubs["tf"].publish(ros_convert.tf_message([tf]))
 
     # ------------------------------------------------------------------------------------ diagnostics
+    def _resolved(self, topic: str) -> str:
+        """Return the fully qualified topic name, or the name as given when rclpy cannot expand it."""
+        try:
+            return truncate(self.resolve_topic_name(topic), 256)
+        except Exception:
+            return truncate(topic, 256)
+
     def _publish_diagnostics(self) -> None:
         now = time.monotonic()
         s = self._stats
         with s.lock:
-            received, published = s.received, s.published
+            counts = dict(s.c)
             lat = np.array(s.latency_ms, dtype=np.float64)
-            inf = np.array(s.inference_ms, dtype=np.float64)
-            values = {
-                "frames_received": s.received,
-                "frames_processed": s.processed,
-                "poses_published": s.published,
-                "dropped_frames": self._mailbox.dropped + s.lost_in_transport,
-                "dropped_unprocessed": self._mailbox.dropped,
-                "dropped_in_transport": s.lost_in_transport,
-                "stale_frames": s.stale,
-                "rejected_messages": s.rejected,
-                "last_reject_reason": s.last_reject_reason,
-                "low_confidence": s.low_confidence,
-                "non_finite": s.non_finite,
-                "processing_errors": s.inference_errors,
-                "tf_failures": s.tf_failures,
-                "relocalizations": s.relocalizations,
-                "hints_published": s.hints,
-                "last_scene": s.last_scene,
-                "last_confidence": f"{s.last_confidence:.4f}",
-            }
-        t0, r0, p0 = self._diag_last
+            delay = np.array(s.delay_s, dtype=np.float64)
+            last_failure, last_scene, last_conf = s.last_failure, s.last_scene, s.last_confidence
+        t0, before = self._diag_last
+        self._diag_last = (now, counts)
         dt = max(now - t0, 1e-6)
-        self._diag_last = (now, received, published)
-        in_rate, out_rate = (received - r0) / dt, (published - p0) / dt
-        loc = self._localizer
-        active = self._active.is_set()
+        d = {k: counts[k] - before.get(k, 0) for k in counts}
+        cfg = self.config
+        topic = self._resolved(cfg.subscribed_topic)
+        failed = d["rejected"] + d["processing_errors"] + d["non_finite"] + d["tf_failures"] + d["stale"]
+        window = node_logic.DiagWindow(
+            received=d["received"],
+            published=d["published"],
+            failed=failed,
+            out_rate_hz=d["published"] / dt,
+            min_rate_hz=cfg.diagnostics_min_rate_hz,
+            delay_p90_s=float(np.percentile(delay, 90)) if delay.size else float("nan"),
+            max_delay_s=cfg.diagnostics_max_delay_s,
+            last_failure=last_failure,
+        )
         state = self.lifecycle_label
-        head = {
+        loc = self._localizer
+        if self._last_error and loc is None:
+            level, message = node_logic.ERROR, self._last_error
+        elif self._param_errors and loc is None:
+            level, message = node_logic.ERROR, next(iter(self._param_errors.values()))
+        elif not self._active.is_set():
+            level, message = node_logic.OK, state
+        else:
+            level, message = node_logic.diagnostic_level(window, topic)
+        values: dict[str, Any] = {
             "state": state,
             "backend": loc.backend_name if loc is not None else "",
             "device": loc.device if loc is not None else "",
-            "image_topic": self.resolve_topic_name(self.config.subscribed_topic),
-            "input_rate_hz": f"{in_rate:.2f}",
-            "output_rate_hz": f"{out_rate:.2f}",
+            "image_topic": topic,
+            "input_rate_hz": f"{d['received'] / dt:.2f}",
+            "output_rate_hz": f"{window.out_rate_hz:.2f}",
+            **{("frames_" + k if k in ("received", "processed") else k): v for k, v in counts.items()},
+            "poses_published": counts["published"],
+            "dropped_frames": self._mailbox.dropped + counts["lost_in_transport"],
+            "dropped_unprocessed": self._mailbox.dropped,
+            "dropped_in_transport": counts["lost_in_transport"],
+            "rejected_messages": counts["rejected"],
+            "stale_frames": counts["stale"],
+            "last_reject_reason": last_failure,
+            "last_scene": last_scene,
+            "last_confidence": f"{last_conf:.4f}",
         }
-        for name, arr in (("latency_ms", lat), ("inference_ms", inf)):
+        for name, arr, scale in (("latency_ms", lat, 1.0), ("capture_delay_ms", delay, 1e3)):
             for pct in (50, 90, 99):
-                head[f"{name}_p{pct}"] = f"{np.percentile(arr, pct):.2f}" if arr.size else "nan"
-        status = DiagnosticStatus(name=f"{self.get_name()}: localizer", hardware_id=head["device"])
-        if self._last_error and loc is None:
-            status.level, status.message = DiagnosticStatus.ERROR, self._last_error
-        elif not active:
-            status.level, status.message = DiagnosticStatus.OK, state
-        elif received == r0:
-            status.level, status.message = DiagnosticStatus.WARN, f"no images on {head['image_topic']}"
-        elif values["rejected_messages"] and values["last_reject_reason"] and published == p0:
-            status.level, status.message = DiagnosticStatus.WARN, f"rejecting images: {values['last_reject_reason']}"
-        else:
-            status.level, status.message = DiagnosticStatus.OK, f"localizing at {out_rate:.1f} Hz"
-        status.values = [KeyValue(key=k, value=str(v)) for k, v in {**head, **values}.items()]
+                values[f"{name}_p{pct}"] = f"{np.percentile(arr, pct) * scale:.2f}" if arr.size else "nan"
+        status = DiagnosticStatus(
+            name=f"{self.get_name()}: localizer",
+            hardware_id=truncate(f"apr_localizer:{self.get_fully_qualified_name()}", 256),
+            level=bytes([level]),
+            message=truncate(message, 512),
+        )
+        status.values = [KeyValue(key=k, value=truncate(str(v))) for k, v in values.items()]
         msg = DiagnosticArray(status=[status])
         msg.header.stamp = self.get_clock().now().to_msg()
         self._diag_pub.publish(msg)
-
-
-def _dynamic_fields() -> list[dataclasses.Field]:
-    names = {p.field for p in _PARAMS if p.dynamic and p.field is not None}
-    names |= {"covariance_position", "covariance_orientation"}
-    return [f for f in dataclasses.fields(NodeConfig) if f.name in names]
 
 
 # --------------------------------------------------------------------------------------------- entry point
 def main(args: list[str] | None = None) -> int:
     """Run the node until SIGINT/SIGTERM; return the process exit code (0 on a clean shutdown).
 
-    rclpy's own signal handlers are replaced so that the lifecycle ``shutdown`` transition (which releases the model
-    and publishes the transition event) still runs while the context is valid.
+    The first signal aborts a configure in progress and ends the spin; a second one interrupts whatever runs (the
+    ``finally`` still shuts the node and the context down, so no shared-memory segment is left behind).
     """
     rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
     stop = threading.Event()
     node: LocalizerNode | None = None
 
     def request_stop(signum: int, _frame: Any) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
         stop.set()
         if node is not None:
-            node.abort_waits()  # a blocking ~/relocalize must not delay the shutdown
+            node.request_abort()
 
     previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     executor = SingleThreadedExecutor()
     try:
         try:
             node = LocalizerNode()
-        except InvalidParameterTypeException as exc:
-            hint = " (write floating-point values with a decimal point, e.g. 5.0)" if "DOUBLE" in str(exc) else ""
-            rclpy.logging.get_logger("apr_localizer").fatal(f"invalid parameter type: {exc.args[0]}{hint}")
-            return 2
-        except ParameterException as exc:  # values rejected by the descriptors or _validate
-            rclpy.logging.get_logger("apr_localizer").fatal(f"invalid parameter value: {exc.args[0]}")
+        except ParameterException as exc:
+            rclpy.logging.get_logger("apr_localizer").fatal(f"invalid parameter: {exc}")
             return 2
         executor.add_node(node)
         if node.get_parameter("autostart").value and not stop.is_set():
-            if node.trigger_configure() == TransitionCallbackReturn.SUCCESS:
+            if node.trigger_configure() == TransitionCallbackReturn.SUCCESS and not stop.is_set():
                 node.trigger_activate()
-            else:
+            elif not stop.is_set():
                 node.get_logger().error("autostart: configure failed; the node stays unconfigured")
         while not stop.is_set() and rclpy.ok():
             executor.spin_once(timeout_sec=0.1)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the clean-up below must not be interrupted again
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if node is not None:
             if node.lifecycle_label in ("unconfigured", "inactive", "active"):
                 node.trigger_shutdown()

@@ -24,11 +24,9 @@ from rcl_interfaces.msg import ParameterType, ParameterValue
 from rcl_interfaces.srv import SetParameters
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CompressedImage, Image
-from std_msgs.msg import Bool
 from std_srvs.srv import Trigger
 
 from apr_localizer import geometry, ros_convert
-from apr_localizer.node import HAVE_TF2_ROS
 from apr_training.ros_harness import WAIT_S, NodeProcess, RosHarness, diag_values, wait_until, write_params
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -112,6 +110,8 @@ def _base_params(checkpoint: Path, **extra) -> dict:
         "qos_depth": 1,
         "map_frame": "map",
         "camera_frame": "",
+        "base_frame": "",
+        "output_pose": "camera",  # these tests check the camera pose itself (the base pose: test_node_integration)
         "min_confidence": 0.0,
         "covariance": {"position": POS_VAR, "orientation": ROT_VAR, "scale_by_confidence": True},
         "publish_tf": True,
@@ -422,10 +422,11 @@ def test_compressed_input_base_frame_hint_and_autostart(tmp_path, node_env, harn
         qos="sensor_data",  # best effort subscription (the reliable test publisher matches it)
         camera_frame="camera_optical",
         base_frame="base_link",
+        output_pose="base",
+        extrinsic_source="parameters",  # the hand-typed override (the TF source: test_node_integration)
         base_to_camera={"xyz": base_xyz, "quat_xyzw": base_q_xyzw},
-        # without tf2_ros, map_to_odom falls back to map_to_base (with a warning at configure)
-        tf_mode="map_to_base" if HAVE_TF2_ROS else "map_to_odom",
-        hint={"enable": True, "trigger_topic": "/test2/trigger", "trigger_type": "bool", "output_topic": "/test2/hint"},
+        tf_mode="map_to_base",  # base_link has no other parent here
+        hint={"enable": True, "trigger_topic": "/test2/trigger", "output_topic": "/test2/hint"},
     )
     name = "apr_localizer_compressed"  # renamed (-r __node:=): the main node is still running on this domain
     params_file = write_params(tmp_path / "params.yaml", params, node_name=name)
@@ -436,12 +437,10 @@ def test_compressed_input_base_frame_hint_and_autostart(tmp_path, node_env, harn
         tfs = harness.subscribe(TFMessage, "/tf", QoSProfile(depth=100)) if TFMessage is not None else []
         diags = harness.subscribe(DiagnosticArray, "/diagnostics", 50)
         pub = harness.publisher(CompressedImage, "/test2/image/compressed", RELIABLE)
-        trigger = harness.publisher(Bool, "/test2/trigger", 10)
+        trigger = harness.publisher(PoseWithCovarianceStamped, "/test2/trigger", 10)
         harness.wait_subscribers(pub, timeout=60.0)  # autostart: configure + activate on its own
         harness.wait_subscribers(trigger)
         assert harness.lifecycle_state(name) == "active"
-        if not HAVE_TF2_ROS:
-            assert "falling back to tf_mode map_to_base" in node.log()
 
         garbage = CompressedImage(format="jpeg")
         garbage.data = ros_convert.uint8_array(b"\xff\xd8\xff\xe0 this is not a jpeg at all")
@@ -454,8 +453,7 @@ def test_compressed_input_base_frame_hint_and_autostart(tmp_path, node_env, harn
             "the garbage CompressedImage to be rejected",
         )
 
-        trigger.publish(Bool(data=False))  # data false must not trigger
-        trigger.publish(Bool(data=True))
+        trigger.publish(PoseWithCovarianceStamped())  # cuVSLAM's trigger_hint type
         # The trigger and the images travel on different topics: keep sending frames until the hint comes back.
         sent_stamps = []
         deadline = time.monotonic() + WAIT_S
@@ -519,16 +517,29 @@ def test_bad_model_fails_configure_and_the_node_stays_up(tmp_path, node_env, har
 
 
 @pytest.mark.ros
-def test_invalid_parameter_value_exits_with_a_clear_error(tmp_path, node_env):
-    params = write_params(tmp_path / "params.yaml", {"autostart": False, "backend": "tensorflow"})
-    node = NodeProcess(params, node_env, tmp_path / "node.log")
+def test_invalid_parameter_values_in_a_params_file_keep_the_node_up_and_refuse_configure(tmp_path, node_env, harness):
+    name = "apr_localizer_bad_params"
+    params = {"autostart": True, "backend": "tensorflow", "image_topic": "bad topic!!", "max_rate_hz": 5}
+    params_file = write_params(tmp_path / "params.yaml", params, node_name=name)
+    node = NodeProcess(params_file, node_env, tmp_path / "node.log", extra_args=["-r", f"__node:={name}"])
     try:
-        code = node.proc.wait(timeout=60.0)
+        node.wait_log("configure failed", timeout=60.0)
+        log = node.log()
+        assert "backend must be one of" in log and "parameter image_topic" in log
+        assert "max_rate_hz has the wrong type" in log and "decimal point" in log
+        diags = harness.subscribe(DiagnosticArray, "/diagnostics", 50)
+        d = wait_until(
+            lambda: next((v for m in harness.snapshot(diags) if (v := diag_values(m, name))), None),
+            WAIT_S,
+            "diagnostics of the node with bad parameters",
+        )
+        assert d["_level"] == 2 and "parameter" in d["_message"]
+        assert harness.lifecycle_state(name) == "unconfigured"
+        assert not harness.change_state(name, "configure")
+        assert node.alive()
     finally:
-        node.stop()
-    log = node.log()
-    assert code == 2, log
-    assert "backend must be one of" in log
+        code = node.stop()
+    assert code == 0, node.log()
 
 
 @pytest.mark.ros
@@ -552,6 +563,7 @@ def test_relocalize_under_a_multithreaded_executor_in_process(node_env, harness,
         Parameter("threads", value=1),
         Parameter("image_topic", value=topic),
         Parameter("publish_tf", value=False),
+        Parameter("output_pose", value="camera"),
         Parameter("relocalize.samples", value=2),
         Parameter("initialpose_topic", value="/test3/initialpose"),
     ]
@@ -600,21 +612,20 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 def test_config_file_declares_exactly_the_node_parameters_with_their_defaults():
     import yaml
 
-    from apr_localizer import node as node_module
+    from apr_localizer import node_params
 
     data = yaml.safe_load((REPO_ROOT / "config" / "localizer.yaml").read_text())
     params = _flatten(data["/**"]["ros__parameters"])
     params.pop("use_sim_time")
-    declared = {p.name: p.default for p in node_module._PARAMS}
-    defaults = node_module.NodeConfig()
-    for p in node_module._PARAMS:  # NodeConfig's defaults are the declared ones
-        if p.field is not None:
-            assert getattr(defaults, p.field) == p.default, p.name
+    declared = {p.name: p.default for p in node_params.PARAMS}
+    defaults = node_params.NodeConfig()
+    for p in node_params.PARAMS:  # NodeConfig's defaults are the declared ones
+        assert getattr(defaults, p.field) == p.default, p.name
     assert set(params) == set(declared)
     for name, value in params.items():
         assert type(value) is type(declared[name]), name  # same ROS parameter type (5 vs 5.0 matters)
         assert value == declared[name], name
-        assert node_module._validate(name, value) is None
+        assert node_params.validate(name, value) is None
 
 
 def test_launch_file_compiles_and_names_existing_files_and_executable():

@@ -1,0 +1,169 @@
+"""ROS-free decisions of the localizer node: stamp checks, the map → odom filter, camera checks, diagnostics level.
+
+Kept out of :mod:`apr_localizer.node` so that each rule is a plain function with a plain unit test.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from apr_localizer import geometry
+
+__all__ = [
+    "DiagWindow",
+    "FilterOptions",
+    "MapOdomFilter",
+    "diagnostic_level",
+    "intrinsics_mismatch",
+    "planar",
+    "stamp_problem",
+    "yaw_of",
+]
+
+OK, WARN, ERROR = 0, 1, 2
+
+
+# --------------------------------------------------------------------------------------------- stamps
+def stamp_problem(sec: int, nanosec: int, now_ns: int, max_future_s: float, max_age_s: float) -> str | None:
+    """Why an image stamp cannot be used (zero, negative, invalid, too far in the future, too old), or None."""
+    if sec < 0 or not 0 <= nanosec < 1_000_000_000:
+        return f"invalid header.stamp (sec {sec}, nanosec {nanosec})"
+    stamp_ns = sec * 1_000_000_000 + nanosec
+    if stamp_ns == 0:
+        return "header.stamp is zero (the camera driver did not stamp the image)"
+    if stamp_ns > now_ns + int(max_future_s * 1e9):
+        return (
+            f"header.stamp is {(stamp_ns - now_ns) * 1e-9:.3g} s in the future (stamps.max_future_s {max_future_s:g})"
+        )
+    if max_age_s > 0.0 and now_ns - stamp_ns > int(max_age_s * 1e9):
+        return f"stale image ({(now_ns - stamp_ns) * 1e-9:.3g} s old > max_frame_age_s {max_age_s:g})"
+    return None
+
+
+# --------------------------------------------------------------------------------------------- planar poses
+def yaw_of(q_wxyz: Sequence[float]) -> float:
+    """Yaw (rad, about z) of a w-first quaternion."""
+    w, x, y, z = (float(v) for v in q_wxyz)
+    return math.atan2(2.0 * (w * z + x * y), 1.0 - 2.0 * (y * y + z * z))
+
+
+def planar(pose: np.ndarray) -> np.ndarray:
+    """Pose ``(7,)`` reduced to x, y, yaw (z = 0, roll = pitch = 0)."""
+    yaw = yaw_of(pose[3:7])
+    return np.array([pose[0], pose[1], 0.0, math.cos(yaw / 2), 0.0, 0.0, math.sin(yaw / 2)])
+
+
+# --------------------------------------------------------------------------------------------- map -> odom
+@dataclasses.dataclass(frozen=True)
+class FilterOptions:
+    """Planar mode, jump limits (0 = off), jumps needed to accept a new place, smoothing weight of a new value."""
+
+    planar: bool = False
+    max_position_m: float = 0.0
+    max_yaw_deg: float = 0.0
+    accept_after: int = 3
+    smoothing: float = 1.0
+
+
+class MapOdomFilter:
+    """The published map → odom: planar projection, jump rejection (until confirmed), exponential smoothing."""
+
+    def __init__(self) -> None:
+        self.current: np.ndarray | None = None
+        self._jumps: list[np.ndarray] = []
+        self.rejected_jumps = 0
+
+    def _is_jump(self, a: np.ndarray, b: np.ndarray, opts: FilterOptions) -> bool:
+        dpos = float(np.linalg.norm(a[:3] - b[:3]))
+        dyaw = float(geometry.rotation_error_deg(a[3:], b[3:]))
+        return (opts.max_position_m > 0 and dpos > opts.max_position_m) or (
+            opts.max_yaw_deg > 0 and dyaw > opts.max_yaw_deg
+        )
+
+    def update(self, map_t_odom: np.ndarray, opts: FilterOptions) -> str:
+        """Offer a new estimate; return ``accepted``, ``jump`` (held back) or ``relocated`` (a confirmed jump)."""
+        candidate = planar(map_t_odom) if opts.planar else np.asarray(map_t_odom, dtype=np.float64)
+        if self.current is None:
+            self.current = candidate
+            return "accepted"
+        if self._is_jump(self.current, candidate, opts):
+            agree = not self._jumps or not self._is_jump(self._jumps[-1], candidate, opts)
+            self._jumps = [*self._jumps, candidate] if agree else [candidate]
+            if len(self._jumps) < opts.accept_after:
+                self.rejected_jumps += 1
+                return "jump"
+            self.current, self._jumps = candidate, []
+            return "relocated"
+        self._jumps = []
+        a = opts.smoothing
+        position = (1.0 - a) * self.current[:3] + a * candidate[:3]
+        rotation = geometry.quat_slerp(self.current[3:], candidate[3:], a)
+        self.current = np.concatenate([position, geometry.quat_normalize(rotation)])
+        return "accepted"
+
+
+# --------------------------------------------------------------------------------------------- camera_info
+def intrinsics_mismatch(
+    trained: Mapping[str, Any], k: Sequence[float], width: int, height: int, tolerance: float
+) -> str | None:
+    """Compare the training camera (``fx, fy, cx, cy, width, height``) with a CameraInfo ``K`` at its resolution.
+
+    The training intrinsics are scaled to the live resolution (same aspect ratio expected); returns one sentence
+    naming the first value off by more than ``tolerance`` (relative), or None. Missing keys: None (not checked).
+    """
+    try:
+        tw, th = float(trained["width"]), float(trained["height"])
+        ref = {k_: float(trained[k_]) for k_ in ("fx", "fy", "cx", "cy")}
+    except (KeyError, TypeError, ValueError):
+        return None
+    if width <= 0 or height <= 0 or tw <= 0 or th <= 0:
+        return None
+    if abs(width / height - tw / th) > tolerance * tw / th:
+        return (
+            f"camera_info resolution {width}x{height} has another aspect ratio than the training data ({tw:g}x{th:g})"
+        )
+    sx, sy = width / tw, height / th
+    live = {"fx": float(k[0]), "fy": float(k[4]), "cx": float(k[2]), "cy": float(k[5])}
+    scaled = {"fx": ref["fx"] * sx, "fy": ref["fy"] * sy, "cx": ref["cx"] * sx, "cy": ref["cy"] * sy}
+    for key, want in scaled.items():
+        if not math.isfinite(live[key]) or abs(live[key] - want) > tolerance * max(abs(want), 1e-9):
+            return (
+                f"camera_info {key} {live[key]:.4g} differs from the training camera's {want:.4g} "
+                f"by more than {tolerance:g}"
+            )
+    return None
+
+
+# --------------------------------------------------------------------------------------------- diagnostics
+@dataclasses.dataclass(frozen=True)
+class DiagWindow:
+    """Counts over one diagnostics period (deltas) and what the node is configured to expect."""
+
+    received: int
+    published: int
+    failed: int  # rejected, processing errors, non-finite, TF failures
+    out_rate_hz: float
+    min_rate_hz: float
+    delay_p90_s: float
+    max_delay_s: float
+    last_failure: str = ""
+
+
+def diagnostic_level(w: DiagWindow, topic: str) -> tuple[int, str]:
+    """Level and message of an active node's status (like diagnostic_updater's frequency + timestamp checks)."""
+    if w.received == 0:
+        return WARN, f"no images on {topic}"
+    if w.published == 0 and w.failed >= w.received:
+        return ERROR, f"every frame fails: {w.last_failure or 'see the counters'}"
+    if w.published == 0:
+        return WARN, "frames arrive but no estimate is published (low confidence, stale, filtered or still running)"
+    if w.min_rate_hz > 0.0 and w.out_rate_hz < w.min_rate_hz:
+        return WARN, f"output rate {w.out_rate_hz:.2f} Hz below diagnostics.min_rate_hz {w.min_rate_hz:g}"
+    if math.isfinite(w.delay_p90_s) and w.delay_p90_s > w.max_delay_s:
+        return WARN, f"capture -> publish delay p90 {w.delay_p90_s:.3f} s above {w.max_delay_s:g} s"
+    return OK, f"localizing at {w.out_rate_hz:.1f} Hz"

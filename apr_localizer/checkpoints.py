@@ -632,16 +632,31 @@ STALE_TMP_AGE_S = 60.0
 """Temporaries of a model file older than this are removed when the file is loaded (a writer takes < 1 s)."""
 
 
+MAX_SCENES = 1 << 16
+"""Most scenes a model may describe (an embedding row each; per-scene heads are also bounded by the tensor count)."""
+
+
 def _check_counts(doc: Any, limit: int, path: Path, where: str = "config") -> None:
-    """Layer and scene counts must not exceed the number of tensors (each layer and head owns several)."""
+    """Bound every count that creates modules, so that even a ``meta``-device build stays cheap.
+
+    Layer counts (and the scene count with per-scene heads) must not exceed the number of tensors in the file, since
+    every layer and head owns several; any scene count is at most :data:`MAX_SCENES`.
+    """
     if not isinstance(doc, dict):
         raise CheckpointError(f"{path}: invalid model description ({where} is not a JSON object)")
     for k, v in doc.items():
         if isinstance(v, dict):
             _check_counts(v, limit, path, f"{where}.{k}")
-        elif (k.endswith("_layers") or k == "num_scenes") and type(v) is int and v > limit:
+            continue
+        if type(v) is not int:
+            continue
+        bound = limit if k.endswith("_layers") or (k == "num_scenes" and doc.get("per_scene_heads")) else None
+        if k == "num_scenes" and bound is None:
+            bound = MAX_SCENES
+        if bound is not None and v > bound:
             raise CheckpointError(
-                f"{path}: invalid model description ({where}.{k} = {v} exceeds the {limit} tensors in the file)"
+                f"{path}: invalid model description ({where}.{k} = {v} exceeds the bound of {bound} (the file "
+                f"holds {limit} tensors))"
             )
 
 
@@ -715,7 +730,6 @@ def load_model(path: str | Path) -> ModelBundle:
     infos, st_meta = read_safetensors_header(path)
     meta = _our_metadata(st_meta, path)
     comps = meta.get("components", {})
-    _dry_run(comps, infos, path)
     scene_names = _scene_names(meta, path)
     preprocess = meta.get("preprocess") or DEFAULT_PREPROCESS
     provenance = meta.get("provenance") or {}
@@ -725,6 +739,7 @@ def load_model(path: str | Path) -> ModelBundle:
         raise CheckpointError(f"{path}: invalid preprocess metadata ({_reason(e)})") from None
     if not isinstance(provenance, dict):
         raise CheckpointError(f"{path}: provenance metadata is not a JSON object")
+    _dry_run(comps, infos, path)
     tensors, _ = read_safetensors(path)
     apr, iapr, pae = _build(comps, path)
     for prefix, model in (("apr.", apr), ("iapr.", iapr), ("pae.", pae)):

@@ -94,6 +94,7 @@ class _Stats:
         self.last_scene = ""
         self.last_confidence = float("nan")
         self.latency_ms: collections.deque[float] = collections.deque(maxlen=600)
+        self.inference_ms: collections.deque[float] = collections.deque(maxlen=600)
         self.delay_s: collections.deque[float] = collections.deque(maxlen=600)
 
     def add(self, **counts: int) -> None:
@@ -567,7 +568,7 @@ class LocalizerNode(LifecycleNode):
         del rgb
         with self._stats.lock:
             self._stats.c["processed"] += 1
-            self._stats.latency_ms.append(float(est.timings_ms.get("total", float("nan"))))
+            self._stats.inference_ms.append(float(est.timings_ms.get("total", float("nan"))))
         if not est.is_finite():
             self._stats.fail("non_finite", "the estimate has NaN/inf entries")
             return
@@ -716,6 +717,7 @@ class LocalizerNode(LifecycleNode):
         with s.lock:
             counts = dict(s.c)
             lat = np.array(s.latency_ms, dtype=np.float64)
+            inf = np.array(s.inference_ms, dtype=np.float64)
             delay = np.array(s.delay_s, dtype=np.float64)
             last_failure, last_scene, last_conf = s.last_failure, s.last_scene, s.last_confidence
         t0, before = self._diag_last
@@ -763,7 +765,11 @@ class LocalizerNode(LifecycleNode):
             "last_scene": last_scene,
             "last_confidence": f"{last_conf:.4f}",
         }
-        for name, arr, scale in (("latency_ms", lat, 1.0), ("capture_delay_ms", delay, 1e3)):
+        for name, arr, scale in (
+            ("latency_ms", lat, 1.0),
+            ("inference_ms", inf, 1.0),
+            ("capture_delay_ms", delay, 1e3),
+        ):
             for pct in (50, 90, 99):
                 values[f"{name}_p{pct}"] = f"{np.percentile(arr, pct) * scale:.2f}" if arr.size else "nan"
         status = DiagnosticStatus(

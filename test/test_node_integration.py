@@ -1,0 +1,422 @@
+"""The node on a robot's TF tree, as real processes: base pose, map -> odom, relocalize, cuVSLAM hints, namespaces.
+
+Issue 10's "must show" list. The node runs the reference MS-Transformer (random weights, 7 scenes, torch CPU); this
+process plays the robot: it publishes the camera extrinsic on ``/tf_static`` only, odometry ``odom -> base_link`` on
+``/tf`` (moving or still), images, triggers; it computes the expected poses with the same :class:`Localizer`. Every
+wait is on a count, stamp or value with a timeout; nothing asserts a duration.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from builtin_interfaces.msg import Time
+from diagnostic_msgs.msg import DiagnosticArray
+from geometry_msgs.msg import PoseStamped, PoseWithCovarianceStamped
+from lifecycle_msgs.srv import GetState
+from rcl_interfaces.msg import Parameter as ParameterMsg
+from rcl_interfaces.msg import ParameterType, ParameterValue
+from rcl_interfaces.srv import GetParameters, SetParameters
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+from sensor_msgs.msg import Image
+from std_srvs.srv import Trigger
+
+from apr_localizer import geometry, ros_convert
+from apr_localizer.node_logic import yaw_of
+from apr_training.ros_harness import WAIT_S, NodeProcess, RosHarness, diag_values, wait_until, write_params
+
+pytestmark = pytest.mark.ros
+tf2_msgs = pytest.importorskip("tf2_msgs.msg")
+TFMessage = tf2_msgs.TFMessage
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CHECKPOINT = "checkpoints/ms_transformer_7scenes_t2-2_rot1-1.pth"
+RELIABLE = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE, history=HistoryPolicy.KEEP_LAST)
+STATIC = QoSProfile(
+    depth=10,
+    reliability=ReliabilityPolicy.RELIABLE,
+    durability=DurabilityPolicy.TRANSIENT_LOCAL,
+    history=HistoryPolicy.KEEP_LAST,
+)
+# A forward-looking camera: optical frame (z forward, x right, y down) 0.2 m ahead of and 0.5 m above base_link.
+BASE_T_CAMERA = np.r_[0.2, 0.0, 0.5, geometry.quat_from_ros([-0.5, 0.5, -0.5, 0.5])]
+ODOM_YAW = 0.3
+TOLERANCE_S = 2.0
+
+
+# --------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def node_env(tmp_path_factory) -> dict[str, str]:
+    session = int(os.environ["ROS_DOMAIN_ID"])
+    domain = random.SystemRandom().choice([d for d in range(1, 101) if d != session])
+    env = dict(os.environ)
+    env.update(
+        ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST",
+        ROS_DOMAIN_ID=str(domain),
+        ROS_LOG_DIR=str(tmp_path_factory.mktemp("ros_log")),
+        PYTHONPATH=os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p),
+        PYTHONUNBUFFERED="1",
+        FASTDDS_DEFAULT_PROFILES_FILE=str(REPO_ROOT / "config" / "fastdds_shm_big.xml"),
+    )
+    return env
+
+
+@pytest.fixture(scope="module")
+def harness(node_env):
+    h = RosHarness(int(node_env["ROS_DOMAIN_ID"]), name="integration_driver")
+    yield h
+    h.close()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(reference_dir) -> Path:
+    return reference_dir / CHECKPOINT
+
+
+@pytest.fixture(scope="module")
+def frames(reference_dir) -> list[np.ndarray]:
+    from PIL import Image as PILImage
+
+    return [np.asarray(PILImage.open(reference_dir / "raw_images" / f"raw_{i}.png").convert("RGB")) for i in range(4)]
+
+
+@pytest.fixture(scope="module")
+def direct(checkpoint):
+    import torch
+
+    from apr_localizer.localizer import Localizer, LocalizerOptions
+
+    threads = torch.get_num_threads()
+    loc = Localizer.from_files(checkpoint, options=LocalizerOptions(backend="torch", device="cpu", threads=1))
+    yield loc
+    loc.close()
+    torch.set_num_threads(threads)
+
+
+def _params(checkpoint: Path, **extra) -> dict:
+    params = {
+        "autostart": True,
+        "model": {"path": str(checkpoint)},
+        "backend": "torch",
+        "device": "cpu",
+        "threads": 1,
+        "diagnostics_period_s": 0.25,
+    }
+    params.update(extra)
+    return params
+
+
+def _now() -> Time:
+    return ros_convert.ns_to_time(time.time_ns())
+
+
+def _ns(stamp: Time) -> int:
+    return ros_convert.time_to_ns(stamp)
+
+
+def _static_tf(harness: RosHarness, child: str):
+    pub = harness.publisher(TFMessage, "/tf_static", STATIC)
+    tf = ros_convert.transform_stamped(BASE_T_CAMERA, "base_link", child, _now())
+    pub.publish(ros_convert.tf_message([tf]))
+    return pub
+
+
+class Odometry:
+    """Publishes odom -> base_link on /tf at 50 Hz: still, or moving at ``speed`` m/s along the heading ODOM_YAW."""
+
+    def __init__(self, harness: RosHarness) -> None:
+        self.pub = harness.publisher(TFMessage, "/tf", QoSProfile(depth=100))
+        self.speed = 0.0
+        self.x0, self.t0 = 0.0, time.time_ns()
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def pose_at(self, t_ns: int) -> np.ndarray:
+        with self.lock:
+            d = self.x0 + self.speed * (t_ns - self.t0) * 1e-9
+        q = np.array([np.cos(ODOM_YAW / 2), 0.0, 0.0, np.sin(ODOM_YAW / 2)])
+        return np.r_[1.0 + d * np.cos(ODOM_YAW), -2.0 + d * np.sin(ODOM_YAW), 0.0, q]
+
+    def set_speed(self, speed: float) -> None:
+        now = time.time_ns()
+        with self.lock:
+            self.x0 += self.speed * (now - self.t0) * 1e-9
+            self.t0, self.speed = now, speed
+
+    def _run(self) -> None:
+        while not self.stop.wait(0.02):
+            t = time.time_ns()
+            tf = ros_convert.transform_stamped(self.pose_at(t), "odom", "base_link", ros_convert.ns_to_time(t))
+            self.pub.publish(ros_convert.tf_message([tf]))
+
+
+def _set_param(harness: RosHarness, node: str, name: str, value) -> tuple[bool, str]:
+    if isinstance(value, float):
+        pv = ParameterValue(type=ParameterType.PARAMETER_DOUBLE, double_value=value)
+    else:
+        pv = ParameterValue(type=ParameterType.PARAMETER_STRING, string_value=value)
+    req = SetParameters.Request(parameters=[ParameterMsg(name=name, value=pv)])
+    result = harness.call(SetParameters, f"{node}/set_parameters", req).results[0]
+    return result.successful, result.reason
+
+
+def _with_stamp(msgs: list, stamp: Time):
+    return next((m for m in msgs if m.header.stamp == stamp), None)
+
+
+def _quat_mean(qs: np.ndarray) -> np.ndarray:
+    """Markley's average of unit quaternions (eigenvector of sum q q^T), w >= 0: independent of geometry.py."""
+    w, v = np.linalg.eigh(np.einsum("ni,nj->ij", qs, qs))
+    q = v[:, np.argmax(w)]
+    return q if q[0] >= 0 else -q
+
+
+# --------------------------------------------------------------------------------------------- robot on a TF tree
+@pytest.mark.slow
+def test_base_pose_from_tf_static_map_to_odom_and_relocalize(tmp_path, node_env, harness, checkpoint, frames, direct):
+    name, cam = "apr_robot", "robot_cam_optical"
+    params = _params(
+        checkpoint,
+        image_topic="/robot/image",
+        publish_tf=True,
+        tf_mode="map_to_odom",
+        tf_rate_hz=10.0,
+        transform_tolerance_s=TOLERANCE_S,
+        initialpose_topic="/robot/initialpose",
+        relocalize={"samples": 3, "timeout_s": 6.0},
+    )
+    params_file = write_params(tmp_path / "params.yaml", params, node_name=name)
+    odom = Odometry(harness)
+    odom.set_speed(0.5)
+    static_pub = _static_tf(harness, cam)
+    tf_log: list[tuple[int, object]] = []  # (receive time ns, TransformStamped)
+
+    def on_tf(msg) -> None:
+        with harness.lock:
+            tf_log.extend((time.time_ns(), t) for t in msg.transforms)
+
+    harness.node.create_subscription(TFMessage, "/tf", on_tf, QoSProfile(depth=500))
+    poses = harness.subscribe(PoseStamped, f"/{name}/pose", RELIABLE)
+    initialposes = harness.subscribe(PoseWithCovarianceStamped, "/robot/initialpose", RELIABLE)
+    image_pub = harness.publisher(Image, "/robot/image", RELIABLE)
+    node = NodeProcess(params_file, node_env, tmp_path / "node.log", extra_args=["-r", f"__node:={name}"])
+    sent: dict[int, int] = {}  # stamp ns -> frame index
+
+    def send(i: int) -> PoseStamped:
+        stamp = _now()
+        sent[_ns(stamp)] = i
+        image_pub.publish(ros_convert.rgb_to_image(frames[i], stamp=stamp, frame_id=cam))
+        return wait_until(lambda: _with_stamp(harness.snapshot(poses), stamp), WAIT_S, "the pose")
+
+    try:
+        harness.wait_subscribers(image_pub, timeout=90.0)
+        harness.wait_subscribers(static_pub)
+        # 1. the published pose is the BASE pose: the extrinsic came from /tf_static alone
+        pose = send(0)
+        est = direct.localize(frames[0])
+        expected = geometry.camera_to_base(est.pose, BASE_T_CAMERA)
+        assert pose.header.frame_id == "map"
+        got = ros_convert.pose_from_msg(pose.pose)
+        np.testing.assert_allclose(got[:3], expected[:3], atol=1e-4)
+        assert geometry.rotation_error_deg(got[3:], expected[3:]) < 0.01
+        assert abs(np.angle(np.exp(1j * (yaw_of(got[3:]) - yaw_of(expected[3:]))))) < 1e-4  # the robot's heading
+
+        # 2. map -> odom composed with odom -> base at the image stamp gives the estimated map -> base
+        stamp_ns = _ns(pose.header.stamp)
+        first = wait_until(
+            lambda: next((t for r, t in harness.snapshot(tf_log) if t.child_frame_id == "odom" and r > stamp_ns), None),
+            WAIT_S,
+            "map -> odom after the estimate",
+        )
+        assert first.header.frame_id == "map"
+        map_t_odom = ros_convert.transform_from_msg(first)
+        np.testing.assert_allclose(
+            geometry.pose_compose(map_t_odom, odom.pose_at(stamp_ns))[:3], expected[:3], atol=2e-3
+        )
+        # ... and keeps coming between estimates, future-dated by the tolerance
+        n0 = sum(t.child_frame_id == "odom" for _, t in harness.snapshot(tf_log))
+        wait_until(
+            lambda: sum(t.child_frame_id == "odom" for _, t in harness.snapshot(tf_log)) >= n0 + 5,
+            WAIT_S,
+            "5 re-published map -> odom transforms",
+        )
+        repub = [(r, t) for r, t in harness.snapshot(tf_log) if t.child_frame_id == "odom"][n0:]
+        for received, t in repub:
+            ahead = (_ns(t.header.stamp) - received) * 1e-9
+            assert TOLERANCE_S - 1.5 < ahead <= TOLERANCE_S + 0.1, ahead  # stamped now + tolerance when sent
+            np.testing.assert_allclose(ros_convert.transform_from_msg(t), map_t_odom, atol=1e-9)
+        # no TF message ever gave the camera frame a (second) parent
+        assert not any(t.child_frame_id == cam for _, t in harness.snapshot(tf_log))
+
+        # 3. relocalize while odom shows motion: every sample rejected
+        stop = threading.Event()
+
+        def stream() -> None:
+            k = 0
+            while not stop.is_set():
+                send(k % 4)
+                k += 1
+
+        streamer = threading.Thread(target=stream, daemon=True)
+        streamer.start()
+        try:
+            moving = harness.call(Trigger, f"/{name}/relocalize", Trigger.Request(), timeout=60.0)
+        finally:
+            stop.set()
+            streamer.join(timeout=WAIT_S)
+        assert not moving.success and "rejected while odom showed motion" in moving.message, moving.message
+
+        # 4. standing still, different frames: the fused pose is the median / average of the samples used
+        odom.set_speed(0.0)
+        time.sleep(0.5)  # let the still odometry cover the motion window (values, not timing, are asserted)
+        client = harness.node.create_client(Trigger, f"/{name}/relocalize")
+        future = client.call_async(Trigger.Request())
+        k = 0
+        while not future.done() and k < 200:
+            send(k % 4)
+            k += 1
+        response = wait_until(future.result, WAIT_S, "the relocalize response")
+        assert response.success, response.message
+        fused_msg = harness.wait_count(initialposes, 1, what="/robot/initialpose")[-1]
+        fused_ns = _ns(fused_msg.header.stamp)
+        used = sorted(s for s in sent if s <= fused_ns)[-3:]
+        scenes = [direct.localize(frames[sent[s]]).scene_name for s in used]
+        majority = max(set(scenes), key=scenes.count)
+        base_poses = np.stack(
+            [
+                geometry.camera_to_base(direct.localize(frames[sent[s]]).pose, BASE_T_CAMERA)
+                for s, sc in zip(used, scenes)
+                if sc == majority
+            ]
+        )
+        fused = ros_convert.pose_from_msg(fused_msg.pose.pose)
+        np.testing.assert_allclose(fused[:3], np.median(base_poses[:, :3], axis=0), atol=1e-4)
+        assert geometry.rotation_error_deg(fused[3:], _quat_mean(base_poses[:, 3:])) < 0.05
+        assert fused_msg.header.frame_id == "map"
+
+        # 5. while a relocalize waits (no images), get_state and the parameter services answer
+        client2 = harness.node.create_client(Trigger, f"/{name}/relocalize")
+        pending = client2.call_async(Trigger.Request())
+        assert harness.call(GetState, f"/{name}/get_state", GetState.Request()).current_state.label == "active"
+        got_params = harness.call(GetParameters, f"/{name}/get_parameters", GetParameters.Request(names=["tf_mode"]))
+        assert got_params.values[0].string_value == "map_to_odom"
+        assert not pending.done()  # both answered while the relocalize was still collecting
+        late = wait_until(pending.result, WAIT_S, "the pending relocalize's answer")
+        assert not late.success and "got 0 of 3" in late.message
+        assert node.alive()
+    finally:
+        odom.stop.set()
+        code = node.stop()
+    assert code == 0, node.log()
+
+
+# --------------------------------------------------------------------------------------------- namespace, QoS, hints
+@pytest.mark.slow
+def test_namespaced_best_effort_hint_refused_map_to_camera_and_error_diagnostics(
+    tmp_path, node_env, harness, checkpoint, frames, direct
+):
+    ns, name, cam = "/robot1", "apr_localizer", "ns_cam_optical"
+    params = _params(checkpoint, publish_tf=True, tf_mode="map_to_camera", hint={"enable": True})
+    params_file = write_params(tmp_path / "params.yaml", params)  # /** with the shipped (relative) topic defaults
+    static_pub = _static_tf(harness, cam)
+    tfs = harness.subscribe(TFMessage, "/tf", QoSProfile(depth=500))
+    poses = harness.subscribe(PoseStamped, f"{ns}/{name}/pose", RELIABLE)
+    hints = harness.subscribe(PoseWithCovarianceStamped, f"{ns}/visual_slam/initial_pose", RELIABLE)
+    diags = harness.subscribe(DiagnosticArray, "/diagnostics", 100)
+    image_pub = harness.publisher(Image, f"{ns}/camera/image_raw", qos_profile_sensor_data)  # best effort
+    trigger = harness.publisher(PoseWithCovarianceStamped, f"{ns}/visual_slam/trigger_hint", RELIABLE)
+    node = NodeProcess(
+        [REPO_ROOT / "config" / "localizer.yaml", params_file],
+        node_env,
+        tmp_path / "node.log",
+        extra_args=["-r", f"__ns:={ns}"],
+    )
+
+    def diag():
+        for m in reversed(harness.snapshot(diags)):
+            d = diag_values(m, name)
+            if d is not None and d.get("image_topic") == f"{ns}/camera/image_raw":
+                return d
+        return None
+
+    try:
+        harness.wait_subscribers(image_pub, timeout=90.0)
+        harness.wait_subscribers(trigger)
+        harness.wait_subscribers(static_pub)
+        # best-effort images are received with the default QoS; the namespaced pose is the base pose
+        stamp = _now()
+        image_pub.publish(ros_convert.rgb_to_image(frames[1], stamp=stamp, frame_id=cam))
+        pose = wait_until(lambda: _with_stamp(harness.snapshot(poses), stamp), WAIT_S, "the namespaced pose")
+        expected = geometry.camera_to_base(direct.localize(frames[1]).pose, BASE_T_CAMERA)
+        np.testing.assert_allclose(ros_convert.pose_from_msg(pose.pose)[:3], expected[:3], atol=1e-4)
+        # map_to_camera is refused: the camera frame already has base_link as its parent
+        d = wait_until(lambda: (v := diag()) and int(v["tf_refused"]) >= 1 and v, WAIT_S, "tf_refused")
+        assert "already has parent base_link" in d["last_reject_reason"]
+        assert "refused" in node.log() and "two parents" in node.log()
+        assert not any(t.child_frame_id == cam for m in harness.snapshot(tfs) for t in m.transforms)
+
+        # one cuVSLAM trigger (PoseWithCovarianceStamped) -> one base-pose hint
+        trigger.publish(PoseWithCovarianceStamped())
+        deadline = time.monotonic() + WAIT_S
+        stamps = []
+        while not harness.count(hints) and time.monotonic() < deadline:
+            stamps.append(_now())
+            image_pub.publish(ros_convert.rgb_to_image(frames[2], stamp=stamps[-1], frame_id=cam))
+            wait_until(lambda s=stamps[-1]: _with_stamp(harness.snapshot(poses), s), WAIT_S, "a pose")
+        hint = harness.wait_count(hints, 1, what="the hint")[0]
+        assert hint.header.stamp in stamps and hint.header.frame_id == "map"
+        expected = geometry.camera_to_base(direct.localize(frames[2]).pose, BASE_T_CAMERA)
+        np.testing.assert_allclose(ros_convert.pose_from_msg(hint.pose.pose)[:3], expected[:3], atol=1e-4)
+        for _ in range(2):  # more frames, no new trigger: no new hint
+            s = _now()
+            image_pub.publish(ros_convert.rgb_to_image(frames[2], stamp=s, frame_id=cam))
+            wait_until(lambda s=s: _with_stamp(harness.snapshot(poses), s), WAIT_S, "a pose")
+        assert harness.count(hints) == 1
+
+        # a parameter that would kill a timer is refused at run time; the node keeps running
+        ok, reason = _set_param(harness, f"{ns}/{name}", "image_topic", "bad topic!!")
+        assert not ok and "parameter image_topic" in reason
+        ok, reason = _set_param(harness, f"{ns}/{name}", "max_rate_hz", 0.002)
+        assert not ok and "max_rate_hz" in reason
+
+        # every frame fails (zero stamps): diagnostics go to ERROR
+        n_diag = harness.count(diags)
+        for _ in range(12):
+            bad = ros_convert.rgb_to_image(frames[0], stamp=Time(sec=0, nanosec=0), frame_id=cam)
+            image_pub.publish(bad)
+            time.sleep(0.1)
+            d = diag()
+            if harness.count(diags) > n_diag + 4 and d is not None and d["_level"] == 2:
+                break
+        d = wait_until(lambda: (v := diag()) and v["_level"] == 2 and v, WAIT_S, "an ERROR diagnostic")
+        assert "every frame fails" in d["_message"] and "zero" in d["_message"]
+        assert node.alive()
+    finally:
+        code = node.stop()
+    assert code == 0, node.log()
+
+
+# --------------------------------------------------------------------------------------------- signals
+def test_a_signal_during_configure_aborts_it_and_a_second_one_exits_cleanly(tmp_path, node_env, checkpoint):
+    name = "apr_signal"
+    params_file = write_params(tmp_path / "params.yaml", _params(checkpoint), node_name=name)
+    node = NodeProcess(params_file, node_env, tmp_path / "node.log", extra_args=["-r", f"__node:={name}"])
+    node.wait_log("created", timeout=60.0)
+    node.proc.send_signal(signal.SIGINT)
+    node.proc.send_signal(signal.SIGINT)
+    code = node.proc.wait(timeout=60.0)
+    node.stop()
+    text = node.log()
+    assert code == 0, text
+    assert "active: subscribed" not in text  # never activated
+    assert "aborted by a signal" in text or "configured:" not in text  # the configure in progress was aborted
+    assert "Traceback" not in text

@@ -331,36 +331,119 @@ def _jpeg_end_of_image(raw: bytes) -> int:
     """Offset of the end-of-image marker that ends a JPEG's scans (the first ``FFD9`` outside marker segments).
 
     Walks the marker segments by their lengths and the entropy-coded data of each scan (where ``FF00`` is a stuffed
-    byte and ``FFD0``..``FFD7`` are restart markers), so an ``FFD9`` inside an EXIF thumbnail does not count.
+    byte and ``FFD0``..``FFD7`` are restart markers), so an ``FFD9`` inside an EXIF thumbnail does not count. With a
+    restart interval, every scan must hold exactly the restart markers its MCU count implies: fewer means the scan
+    was cut (libjpeg skips filler between intervals, which the pixel probe cannot see), more means the header
+    declares fewer pixels than the data holds. A progressive JPEG must refine every coefficient of every component
+    to full precision (a file cut between two scans decodes without any warning).
     """
     n, pos = len(raw), 2
+    frame: tuple[int, int, dict[int, tuple[int, int]]] | None = None
+    interval = 0
+    progressive = False
+    refined: dict[int, set[int]] = {}  # component id -> coefficient indices coded to full precision (Al = 0)
     while pos + 1 < n:
         if raw[pos] != 0xFF:
             break
         marker = raw[pos + 1]
         if marker == 0xD9:
+            if progressive and frame is not None and any(len(refined.get(c, ())) < 64 for c in frame[2]):
+                raise ImageDecodeError(
+                    "compressed image is a corrupt JPEG: its progressive scans stop before every coefficient is "
+                    "complete (a file cut between two scans)"
+                )
             return pos
         if marker == 0xFF or marker == 0x01 or 0xD0 <= marker <= 0xD8:
             pos += 1 if marker == 0xFF else 2
             continue
         if pos + 4 > n:
             break
-        pos += 2 + ((raw[pos + 2] << 8) | raw[pos + 3])
+        length = (raw[pos + 2] << 8) | raw[pos + 3]
+        seg = raw[pos + 4 : pos + 2 + length]
+        pos += 2 + length
+        if marker in _JPEG_SOF and frame is None and len(seg) >= 6:
+            comps = {seg[6 + 3 * k]: (seg[7 + 3 * k] >> 4, seg[7 + 3 * k] & 15) for k in range(min(seg[5], 4))
+                     if 8 + 3 * k <= len(seg)}  # fmt: skip
+            frame = ((seg[3] << 8) | seg[4], (seg[1] << 8) | seg[2], comps)
+            progressive = marker in (0xC2, 0xC6, 0xCA, 0xCE)
+            blocks = sum(_scan_mcus(frame, [c]) for c in comps)
+            if n * 8 < blocks:  # every 8x8 block costs at least one bit of Huffman code
+                raise ImageDecodeError(
+                    f"compressed image is a corrupt JPEG: {n} bytes cannot hold the {blocks} blocks of its "
+                    f"{frame[0]}x{frame[1]} header (a false size header)"
+                )
+        elif marker == 0xDD and len(seg) >= 2:
+            interval = (seg[0] << 8) | seg[1]
         if marker != 0xDA:
             continue
-        while True:  # entropy-coded data: up to the next marker that is not a stuffed byte or a restart marker
-            pos = raw.find(b"\xff", pos)
-            if pos < 0 or pos + 1 >= n:
-                pos = n
-                break
-            nxt = raw[pos + 1]
-            if nxt == 0x00 or 0xD0 <= nxt <= 0xD7:
-                pos += 2
-            elif nxt == 0xFF:
-                pos += 1
-            else:
-                break
+        pos, restarts = _skip_entropy_data(raw, pos)
+        if progressive and seg and len(seg) >= 4 + 2 * seg[0] and seg[3 + 2 * seg[0]] & 15 == 0:
+            lo, hi = seg[1 + 2 * seg[0]], seg[2 + 2 * seg[0]]
+            for k in range(seg[0]):
+                refined.setdefault(seg[1 + 2 * k], set()).update(range(lo, min(hi, 63) + 1))
+        if interval and frame is not None and seg:
+            ids = [seg[1 + 2 * k] for k in range(seg[0]) if 2 + 2 * k <= len(seg)]
+            expected = _ceil_div(_scan_mcus(frame, ids), interval) - 1
+            if expected >= 0 and restarts != expected:
+                raise ImageDecodeError(
+                    f"compressed image is a corrupt JPEG: a scan has {restarts} restart markers where its "
+                    f"{frame[0]}x{frame[1]} header implies {expected} (truncated data or a false size header)"
+                )
     raise ImageDecodeError("compressed image is a JPEG without an end-of-image marker (truncated message)")
+
+
+def _skip_entropy_data(raw: bytes, pos: int) -> tuple[int, int]:
+    """Return (offset of the marker that ends the entropy-coded data at ``pos``, restart markers passed)."""
+    n, restarts = len(raw), 0
+    while True:
+        pos = raw.find(b"\xff", pos)
+        if pos < 0 or pos + 1 >= n:
+            return n, restarts
+        nxt = raw[pos + 1]
+        if nxt == 0x00:
+            pos += 2
+        elif 0xD0 <= nxt <= 0xD7:
+            restarts += 1
+            pos += 2
+        elif nxt == 0xFF:
+            pos += 1
+        else:
+            return pos, restarts
+
+
+# DEFLATE codes at most 258 bytes per 2 bits (a length and a distance code): no stream expands by more than 1032:1.
+_DEFLATE_MAX_RATIO: Final[int] = 1032
+_PNG_CHANNELS: Final[dict[int, int]] = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
+
+
+def _check_png_data_size(buf: np.ndarray, width: int, height: int) -> int:
+    """Reject a PNG whose bytes are too few for its IHDR size even at DEFLATE's best ratio; returns -1."""
+    depth = int(buf[24]) if buf.size > 25 else 8
+    channels = _PNG_CHANNELS.get(int(buf[25]) if buf.size > 25 else 2, 4)
+    raw = height * (1 + _ceil_div(width * channels * depth, 8))
+    if buf.size * _DEFLATE_MAX_RATIO < raw:
+        raise ImageDecodeError(
+            f"compressed image is a corrupt PNG: {buf.size} bytes cannot hold the {raw} bytes of its {width}x{height} "
+            "header even at zlib's best ratio (a false size header)"
+        )
+    return -1
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _scan_mcus(frame: tuple[int, int, dict[int, tuple[int, int]]], scan_ids: list[int]) -> int:
+    """MCUs in a scan (T.81 A.2): interleaved scans use the largest sampling factors, single ones the component's."""
+    width, height, comps = frame
+    if not comps:
+        return 0
+    hmax = max(h for h, _ in comps.values()) or 1
+    vmax = max(v for _, v in comps.values()) or 1
+    if len(scan_ids) == 1 and scan_ids[0] in comps:
+        h, v = comps[scan_ids[0]]
+        return _ceil_div(_ceil_div(width * h, hmax), 8) * _ceil_div(_ceil_div(height * v, vmax), 8)
+    return _ceil_div(width, 8 * hmax) * _ceil_div(height, 8 * vmax)
 
 
 def decode_compressed(
@@ -382,7 +465,7 @@ def decode_compressed(
     _check_format(format, codec)
     _limits(limits, max_pixels).check(width, height, f"compressed {codec} image")
     buf = _as_uint8_buffer(data, "compressed image")
-    eoi = _jpeg_end_of_image(buf.tobytes()) if codec == "jpeg" else -1
+    eoi = _jpeg_end_of_image(buf.tobytes()) if codec == "jpeg" else _check_png_data_size(buf, width, height)
     img = _imdecode(buf, codec)
     if img.shape[0] != height or img.shape[1] != width:
         raise ImageDecodeError(

@@ -652,7 +652,9 @@ def test_launch_file_compiles_and_names_existing_files_and_executable():
         return None
 
     calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call)]
-    keywords = {kw.arg: value(kw.value) for c in calls for kw in c.keywords if kw.arg in ("package", "executable")}
+    node_calls = [c for c in calls if getattr(c.func, "id", "") == "LifecycleNode"]
+    assert len(node_calls) == 1
+    keywords = {kw.arg: value(kw.value) for kw in node_calls[0].keywords if kw.arg in ("package", "executable")}
     package_xml = (REPO_ROOT / "package.xml").read_text()
     assert f"<name>{keywords['package']}</name>" in package_xml
     setup_py = (REPO_ROOT / "setup.py").read_text()
@@ -663,12 +665,14 @@ def test_launch_file_compiles_and_names_existing_files_and_executable():
         for c in calls
         if isinstance(c.func, ast.Attribute) and c.func.attr == "join" and len(c.args) > 1
     ]
-    data_paths = [parts for parts in joined if parts and parts[0] in ("config", "launch")]
+    data_paths = [parts for parts in joined if parts and parts[0] in ("config", "launch", "rviz")]
     assert data_paths, "the launch file names no config file"
     for parts in data_paths:
         assert all(isinstance(p, str) for p in parts)
         assert (REPO_ROOT.joinpath(*parts)).is_file(), parts
         assert re.search(rf'glob\("{parts[0]}/\*\.{parts[-1].rsplit(".", 1)[-1]}"\)', setup_py)  # installed
 
+    assert ["rviz", "localizer.rviz"] in data_paths  # the shipped RViz2 config
     arguments = {value(c.args[0]) for c in calls if getattr(c.func, "id", "") == "DeclareLaunchArgument"}
     assert arguments >= {"model", "params_file", "image_topic", "namespace", "use_sim_time", "log_level"}
+    assert arguments >= {"rviz", "managed", "publish_tf", "tf_mode", "base_frame", "output_pose"}

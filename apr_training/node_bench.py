@@ -52,7 +52,6 @@ import numpy as np
 __all__ = ["build_parser", "format_table", "main", "run_node_bench"]
 
 DEFAULT_TOPIC = "/apr_bench/image_raw"
-NODE_NAME = "apr_localizer"
 
 
 class NodeBenchError(RuntimeError):
@@ -72,7 +71,7 @@ def _publisher_main(argv: Sequence[str]) -> int:
     p.add_argument("--wait", type=float, default=30.0, help="seconds to wait for the node's subscription")
     args = p.parse_args(list(argv))
 
-    from .bags.player import RosSession, prepare_ros_environment
+    from .ros_harness import RosHarness, prepare_ros_environment
 
     prepare_ros_environment()
     from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
@@ -81,7 +80,7 @@ def _publisher_main(argv: Sequence[str]) -> int:
     from apr_localizer import ros_convert
 
     rgb = _bench_frame(args.width, args.height)
-    session = RosSession("apr_bench_publisher")
+    session = RosHarness(name="apr_bench_publisher")
     try:
         qos = QoSProfile(depth=10, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE)
         pub = session.node.create_publisher(Image, args.topic, qos)
@@ -332,8 +331,7 @@ def run_node_bench(args: argparse.Namespace, env_changes: dict[str, str]) -> dic
 
     from apr_localizer.resources import config_path
 
-    from .bags.player import RosSession
-    from .evaluation.live import LocalizerProcess, NodeMonitor, write_node_params
+    from .ros_harness import NODE_NAME, NodeMonitor, NodeProcess, RosHarness, write_params
 
     with tempfile.TemporaryDirectory(prefix="apr_node_bench_") as tmp_s:
         tmp = Path(tmp_s)
@@ -348,6 +346,7 @@ def run_node_bench(args: argparse.Namespace, env_changes: dict[str, str]) -> dic
             "model.path": str(model),
             "image_topic": args.topic,
             "image_transport": "raw",
+            "output_pose": "camera",  # no TF in the benchmark: publish the camera pose
             "backend": args.backend,
             "device": args.device,
             "precision": args.precision,
@@ -358,11 +357,11 @@ def run_node_bench(args: argparse.Namespace, env_changes: dict[str, str]) -> dic
             overrides["iapr_iterations"] = args.iterations
         if args.cache_dir:
             overrides["cache_dir"] = args.cache_dir
-        params = [config_path("localizer.yaml"), write_node_params(out_dir / "node_params.yaml", overrides)]
+        params = [config_path("localizer.yaml"), write_params(out_dir / "node_params.yaml", overrides)]
         phases = [(f"{r:g} Hz", r, args.duration) for r in args.rates]
         if args.flood_rate > 0:
             phases.append((f"flood {args.flood_rate:g} Hz", args.flood_rate, args.flood_duration))
-        session = RosSession("apr_bench_subscriber")
+        session = RosHarness(name="apr_bench_subscriber")
         node = None
         results = []
         try:
@@ -370,7 +369,7 @@ def run_node_bench(args: argparse.Namespace, env_changes: dict[str, str]) -> dic
 
             monitor = NodeMonitor(session, NODE_NAME)
             probe = session.node.create_publisher(Image, args.topic, 1)  # only to see the node's subscription
-            node = LocalizerProcess(params, dict(os.environ), out_dir / "node.log", node_name=NODE_NAME)
+            node = NodeProcess(params, dict(os.environ), out_dir / "node.log", node_name=NODE_NAME)
             print(
                 f"apr-bench node: started localizer_node (pid {node.pid}); waiting until it is active ...",
                 file=sys.stderr,
@@ -523,13 +522,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.flood_rate > 0 and args.flood_duration <= 0:
         parser.error("--flood-duration must be > 0")
 
-    from .bags.player import ros_environment
-    from .evaluation.live import BagEvalError
+    from .ros_harness import HarnessError, ros_environment
 
     try:
         with ros_environment(lambda text: print(f"apr-bench node: set {text}", file=sys.stderr)) as changes:
             report = run_node_bench(args, changes)
-    except (NodeBenchError, BagEvalError) as exc:
+    except (NodeBenchError, HarnessError) as exc:
         print(f"apr-bench node: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

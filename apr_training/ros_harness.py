@@ -1,30 +1,82 @@
-"""Helpers for tests that drive real ROS 2 processes: a node subprocess and an in-process rclpy harness.
+"""The one ROS harness of the tools (``apr-eval-bag live``, ``apr-bench node``, the bag player) and of the tests.
 
-The harness runs its own ``rclpy.Context`` on the test's private ``ROS_DOMAIN_ID`` (from the ``ros_env`` fixture)
-and spins a ``SingleThreadedExecutor`` in a background thread; received messages are appended to lists, and tests
-wait on counts/predicates with a timeout (never fixed sleeps).
+* Environment: :func:`prepare_ros_environment` / :func:`ros_environment` make a process safe for rclpy (one policy:
+  ``ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST``, a private ``ROS_DOMAIN_ID`` in :data:`DOMAIN_RANGE`, a temporary
+  ``ROS_LOG_DIR``, the shared-memory Fast DDS profile, ``AMENT_PREFIX_PATH``). Call it before ``import rclpy``.
+* The node as a process: :func:`node_command`, :func:`write_params` (a ``--params-file``), :class:`NodeProcess`
+  (start, log, wait for a log line, SIGINT stop with the exit code).
+* In-process rclpy: :class:`RosHarness` (a private ``rclpy.Context`` with one node spun in a background thread;
+  publishers, subscriptions that collect messages, waits on counts/predicates with timeouts — never fixed sleeps —,
+  service calls and lifecycle transitions).
+* The node's outputs: :func:`diag_values` parses its ``DiagnosticArray`` status; :class:`NodeMonitor` records its
+  ``~/pose`` and ``/diagnostics`` and waits until it is active and subscribed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import random
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
+import numpy as np
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from apr_localizer.fileio import atomic_write_text
+
+__all__ = [
+    "DOMAIN_RANGE",
+    "NODE_NAME",
+    "WAIT_S",
+    "HarnessError",
+    "NodeExitedError",
+    "NodeMonitor",
+    "NodeProcess",
+    "NodeTimeoutError",
+    "RosHarness",
+    "diag_values",
+    "node_command",
+    "prepare_ros_environment",
+    "ros_environment",
+    "wait_until",
+    "write_params",
+]
+
+DOMAIN_RANGE = range(1, 101)  # 0 is everybody's default; ids above 100 can collide with ephemeral ports
+NODE_NAME = "apr_localizer"
 WAIT_S = 20.0  # default timeout of every wait (>= 10 s: discovery alone can take ~2.7 s)
+SOURCE_ROOT = Path(__file__).resolve().parents[1]  # the directory holding apr_localizer/ and apr_training/
+_ENV_KEYS = (
+    "ROS_AUTOMATIC_DISCOVERY_RANGE",
+    "ROS_DOMAIN_ID",
+    "ROS_LOG_DIR",
+    "FASTDDS_DEFAULT_PROFILES_FILE",
+    "AMENT_PREFIX_PATH",
+)
+
+
+class HarnessError(RuntimeError):
+    """A ROS process or graph did not behave as needed (one sentence naming the node, topic or option)."""
+
+
+class NodeExitedError(HarnessError):
+    """The node process exited while it was needed (the message holds its log tail)."""
+
+
+class NodeTimeoutError(HarnessError):
+    """The node did not reach a state in time (one sentence saying what was awaited)."""
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = WAIT_S, what: str = "condition", poll: float = 0.02):
-    """Poll ``predicate`` until it returns a truthy value (returned) or fail with ``what`` after ``timeout``."""
+    """Poll ``predicate`` until it returns a truthy value (returned) or raise ``AssertionError`` after ``timeout``."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -35,40 +87,132 @@ def wait_until(predicate: Callable[[], Any], timeout: float = WAIT_S, what: str 
         time.sleep(poll)
 
 
-def write_params(path: Path, params: dict[str, Any], node_name: str = "/**") -> Path:
-    """Write a ``--params-file`` YAML for ``node_name`` with (possibly nested) ``params``."""
-    path.write_text(yaml.safe_dump({node_name: {"ros__parameters": params}}, sort_keys=False))
-    return path
+# --------------------------------------------------------------------------------------------- environment
+def _valid_domain(value: str | None) -> bool:
+    return value is not None and value.isdigit() and int(value) in DOMAIN_RANGE
 
 
+def prepare_ros_environment(
+    env: MutableMapping[str, str] | None = None, fastdds_profile: str | Path | None = None
+) -> dict[str, str]:
+    """Make ``env`` (default ``os.environ``) safe for rclpy; return the variables that were set or replaced.
+
+    ``ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST`` always; ``ROS_DOMAIN_ID`` a random id of :data:`DOMAIN_RANGE` when
+    unset or outside it; ``ROS_LOG_DIR`` a new temporary directory when unset; ``FASTDDS_DEFAULT_PROFILES_FILE``
+    ``fastdds_profile`` or the package's ``config/fastdds_shm_big.xml`` when unset; ``AMENT_PREFIX_PATH``
+    ``sys.prefix`` when unset (``ament_index_python`` raises without it).
+    """
+    env = os.environ if env is None else env
+    changed: dict[str, str] = {}
+    if env.get("ROS_AUTOMATIC_DISCOVERY_RANGE") != "LOCALHOST":
+        env["ROS_AUTOMATIC_DISCOVERY_RANGE"] = changed["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
+    if not _valid_domain(env.get("ROS_DOMAIN_ID")):
+        env["ROS_DOMAIN_ID"] = changed["ROS_DOMAIN_ID"] = str(random.SystemRandom().choice(DOMAIN_RANGE))
+    if not env.get("ROS_LOG_DIR"):
+        env["ROS_LOG_DIR"] = changed["ROS_LOG_DIR"] = tempfile.mkdtemp(prefix="apr_ros_log_")
+    if not env.get("FASTDDS_DEFAULT_PROFILES_FILE"):
+        profile = Path(fastdds_profile) if fastdds_profile else _default_fastdds_profile()
+        if profile is not None and profile.is_file():
+            env["FASTDDS_DEFAULT_PROFILES_FILE"] = changed["FASTDDS_DEFAULT_PROFILES_FILE"] = str(profile)
+    if not env.get("AMENT_PREFIX_PATH"):
+        env["AMENT_PREFIX_PATH"] = changed["AMENT_PREFIX_PATH"] = sys.prefix
+    return changed
+
+
+@contextlib.contextmanager
+def ros_environment(announce: Callable[[str], None] | None = None) -> Iterator[dict[str, str]]:
+    """Apply :func:`prepare_ros_environment` to ``os.environ`` for a block, then restore it.
+
+    Yields the variables that were set (each is passed to ``announce`` as ``NAME=value`` first); a ``ROS_LOG_DIR``
+    created here is removed with its contents on exit.
+    """
+    before = {k: os.environ.get(k) for k in _ENV_KEYS}
+    changes = prepare_ros_environment()
+    for name, value in changes.items():
+        if announce is not None:
+            announce(f"{name}={value}")
+    try:
+        yield changes
+    finally:
+        if "ROS_LOG_DIR" in changes:
+            shutil.rmtree(changes["ROS_LOG_DIR"], ignore_errors=True)
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _default_fastdds_profile() -> Path | None:
+    from apr_localizer.resources import config_path
+
+    try:
+        return config_path("fastdds_shm_big.xml")
+    except FileNotFoundError:
+        return None
+
+
+# --------------------------------------------------------------------------------------------- node process
 def node_command(module: bool = False) -> list[str]:
-    """Return the node's console script from this venv, else (or with ``module``) ``python -m apr_localizer.node``."""
-    if module:
-        return [sys.executable, "-m", "apr_localizer.node"]
-    for directory in (Path(sys.prefix) / "bin", Path(sys.prefix) / "lib" / "apr_localizer"):
-        exe = directory / "localizer_node"
-        if exe.is_file() and os.access(exe, os.X_OK):
-            return [str(exe)]
+    """Return the node's console script from this environment, else (or with ``module``) ``python -m ...node``."""
+    if not module:
+        for directory in (Path(sys.prefix) / "bin", Path(sys.prefix) / "lib" / "apr_localizer"):
+            exe = directory / "localizer_node"
+            if exe.is_file() and os.access(exe, os.X_OK):
+                return [str(exe)]
     return [sys.executable, "-m", "apr_localizer.node"]
 
 
+def write_params(path: str | Path, params: Mapping[str, Any], node_name: str = "/**") -> Path:
+    """Write a ``--params-file`` YAML for ``node_name``; ``params`` may be nested dicts or dotted keys."""
+    import yaml
+
+    nested: dict[str, Any] = {}
+    for key, value in params.items():
+        parts = key.split(".")
+        d = nested
+        for p in parts[:-1]:
+            d = d.setdefault(p, {})
+        if isinstance(value, Mapping) and isinstance(d.get(parts[-1]), dict):
+            d[parts[-1]].update(value)
+        else:
+            d[parts[-1]] = dict(value) if isinstance(value, Mapping) else value
+    path = Path(path)
+    atomic_write_text(path, yaml.safe_dump({node_name: {"ros__parameters": nested}}, sort_keys=False))
+    return path
+
+
 class NodeProcess:
-    """The localizer node as a subprocess (``--ros-args --params-file ...``); stdout+stderr go to a log file."""
+    """``localizer_node`` as a subprocess (``--ros-args [-r __node:=NAME] --params-file ...``), output to a log file.
+
+    Later parameter files override earlier ones. The source tree this module was imported from is put first on the
+    child's ``PYTHONPATH`` so the node runs the same code. :meth:`stop` sends SIGINT and returns the exit code.
+    """
 
     def __init__(
         self,
-        params_file: Path | list[Path],
-        env: dict[str, str],
-        log_path: Path,
-        extra_args: list[str] | None = None,
+        params_file: str | Path | Sequence[str | Path],
+        env: Mapping[str, str],
+        log_path: str | Path,
+        extra_args: Sequence[str] | None = None,
         module: bool = False,
-    ):
-        self.log_path = log_path
-        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        files = params_file if isinstance(params_file, list) else [params_file]
-        params = [arg for f in files for arg in ("--params-file", str(f))]  # later files override earlier ones
-        cmd = [*node_command(module), "--ros-args", *params, *(extra_args or [])]
-        self.proc = subprocess.Popen(cmd, env=env, cwd=REPO_ROOT, stdout=self._log, stderr=subprocess.STDOUT)
+        node_name: str | None = None,
+    ) -> None:
+        files = [params_file] if isinstance(params_file, (str, Path)) else list(params_file)
+        self.node_name = node_name or NODE_NAME
+        self.log_path = Path(log_path)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        child_env = dict(env)
+        child_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SOURCE_ROOT), child_env.get("PYTHONPATH", "")) if p)
+        child_env.setdefault("PYTHONUNBUFFERED", "1")
+        rename = ["-r", f"__node:={node_name}"] if node_name else []
+        params = [arg for f in files for arg in ("--params-file", str(f))]
+        self.command = [*node_command(module), "--ros-args", *rename, *params, *(extra_args or [])]
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            self.command, env=child_env, cwd=SOURCE_ROOT, stdout=self._log, stderr=subprocess.STDOUT
+        )
+        self.returncode: int | None = None
 
     @property
     def pid(self) -> int:
@@ -78,9 +222,24 @@ class NodeProcess:
         return self.proc.poll() is None
 
     def log(self) -> str:
+        """Return the node's whole output so far."""
         if not self._log.closed:
             self._log.flush()
-        return self.log_path.read_text(errors="replace")
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def log_tail(self, lines: int = 25) -> str:
+        return "\n".join(self.log().splitlines()[-lines:])
+
+    def check_alive(self, what: str) -> None:
+        """Raise :class:`NodeExitedError` with the log tail when the node has exited."""
+        if not self.alive():
+            raise NodeExitedError(
+                f"localizer_node exited with code {self.proc.returncode} while {what}; last lines of "
+                f"{self.log_path}:\n{self.log_tail()}"
+            )
 
     def wait_log(self, text: str, timeout: float = WAIT_S) -> None:
         """Wait until ``text`` appears in the node's output (fails early if the process exits)."""
@@ -95,37 +254,46 @@ class NodeProcess:
         wait_until(seen, timeout, f"node log line {text!r}")
 
     def stop(self, timeout: float = 30.0) -> int:
-        """SIGINT, wait, return the exit code (kills after ``timeout`` and fails)."""
+        """SIGINT, wait up to ``timeout`` s (then SIGKILL: a negative code); return the exit code. Idempotent."""
+        if self.returncode is not None:
+            return self.returncode
         try:
             if self.alive():
                 self.proc.send_signal(signal.SIGINT)
                 try:
-                    return self.proc.wait(timeout)
+                    self.proc.wait(timeout)
                 except subprocess.TimeoutExpired:
                     self.proc.kill()
                     self.proc.wait()
-                    raise AssertionError(f"node did not exit within {timeout} s of SIGINT:\n{self.log()}") from None
-            return self.proc.returncode
+            self.returncode = int(self.proc.returncode)
         finally:
             self._log.close()
+        return self.returncode
 
 
+# --------------------------------------------------------------------------------------------- in-process rclpy
 class RosHarness:
-    """An in-process rclpy node (private context, ``domain_id``) spun in a background thread."""
+    """A private ``rclpy.Context`` with one node, spun by a ``SingleThreadedExecutor`` in a background thread.
 
-    def __init__(self, domain_id: int, name: str = "test_driver"):
+    ``domain_id`` defaults to ``$ROS_DOMAIN_ID``; the environment must be prepared (:func:`prepare_ros_environment`).
+    """
+
+    def __init__(self, domain_id: int | None = None, name: str = "apr_harness") -> None:
         import rclpy
         from rclpy.context import Context
         from rclpy.executors import SingleThreadedExecutor
 
-        self._rclpy = rclpy
+        if os.environ.get("ROS_AUTOMATIC_DISCOVERY_RANGE") != "LOCALHOST":
+            raise HarnessError("ROS_AUTOMATIC_DISCOVERY_RANGE must be LOCALHOST (call prepare_ros_environment first)")
+        self.domain_id = int(os.environ.get("ROS_DOMAIN_ID", "0")) if domain_id is None else int(domain_id)
         self.context = Context()
-        rclpy.init(context=self.context, domain_id=domain_id)
+        rclpy.init(context=self.context, domain_id=self.domain_id)
         self.node = rclpy.create_node(name, context=self.context)
         self.executor = SingleThreadedExecutor(context=self.context)
         self.executor.add_node(self.node)
         self.lock = threading.Lock()
-        self._thread = threading.Thread(target=self._spin, daemon=True)
+        self._closed = False
+        self._thread = threading.Thread(target=self._spin, name=f"{name}_spin", daemon=True)
         self._thread.start()
 
     def _spin(self) -> None:
@@ -199,19 +367,109 @@ class RosHarness:
         return bool(self.call(ChangeState, f"/{node_name}/change_state", request, timeout).success)
 
     def close(self) -> None:
+        """Shut the context down and release the node (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
         self.context.try_shutdown()
         self._thread.join(timeout=5.0)
         self.executor.shutdown()
         self.node.destroy_node()
 
+    def __enter__(self) -> RosHarness:
+        return self
 
-def diag_values(msg, node_name: str = "apr_localizer") -> dict[str, str] | None:
-    """Key/value dict of the localizer node ``node_name``'s DiagnosticStatus in ``msg`` (None if absent)."""
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------------------------- the node's outputs
+def diag_values(msg: Any, node_name: str = NODE_NAME) -> dict[str, Any] | None:
+    """Key/value dict (plus int ``_level`` and ``_message``) of ``node_name``'s status in a ``DiagnosticArray``."""
     for status in msg.status:
         if status.name.startswith(f"{node_name}: "):
-            values = {kv.key: kv.value for kv in status.values}
+            values: dict[str, Any] = {kv.key: kv.value for kv in status.values}
             level = status.level
             values["_level"] = int.from_bytes(level, "little") if isinstance(level, bytes) else int(level)
             values["_message"] = status.message
             return values
     return None
+
+
+def _stamp_ns(header: Any) -> int:
+    return int(header.stamp.sec) * 1_000_000_000 + int(header.stamp.nanosec)
+
+
+class NodeMonitor:
+    """Records a node's ``~/pose`` and ``/diagnostics`` (with receipt times) on a :class:`RosHarness` node."""
+
+    def __init__(self, harness: RosHarness, node_name: str = NODE_NAME) -> None:
+        from diagnostic_msgs.msg import DiagnosticArray
+        from geometry_msgs.msg import PoseStamped
+
+        from .bags.recorder import TopicRecorder
+
+        self.node_name = node_name
+        self.pose_topic = f"/{node_name}/pose"
+        self.recorder = TopicRecorder(harness.node, {self.pose_topic: PoseStamped, "/diagnostics": DiagnosticArray})
+
+    def poses(self) -> list[tuple[int, int, np.ndarray]]:
+        """``(stamp_ns, receipt_ns, pose (7,))`` of every received ``~/pose`` in receipt order."""
+        from apr_localizer.geometry import quat_from_ros
+
+        out = []
+        for r in self.recorder.snapshot(self.pose_topic):
+            p, q = r.msg.pose.position, r.msg.pose.orientation
+            pose = np.array([p.x, p.y, p.z, *quat_from_ros([q.x, q.y, q.z, q.w])], dtype=np.float64)
+            out.append((_stamp_ns(r.msg.header), r.receipt_ns, pose))
+        return out
+
+    def pose_stamps(self) -> set[int]:
+        """``header.stamp`` (ns) of every received ``~/pose``."""
+        return {_stamp_ns(r.msg.header) for r in self.recorder.snapshot(self.pose_topic)}
+
+    def pose_count(self) -> int:
+        return self.recorder.count(self.pose_topic)
+
+    def last_diag(self, after_ns: int = 0) -> dict[str, Any] | None:
+        """Return the newest diagnostics of the node received after ``after_ns`` (wall clock), or None."""
+        for r in reversed(self.recorder.snapshot("/diagnostics")):
+            if r.receipt_ns < after_ns:
+                break
+            values = diag_values(r.msg, self.node_name)
+            if values is not None:
+                return values
+        return None
+
+    def wait_diag(self, after_ns: int, timeout: float) -> dict[str, Any] | None:
+        """Wait for diagnostics received after ``after_ns``; None on timeout."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            d = self.last_diag(after_ns)
+            if d is not None:
+                return d
+            time.sleep(0.05)
+        return None
+
+    def wait_active(self, process: NodeProcess, image_publishers: Sequence[Any], timeout: float) -> None:
+        """Wait until the node subscribes to the images and its ``~/pose`` publisher is matched.
+
+        Fails early with the node's log when it exits, and with its diagnostics message when configure failed.
+        """
+        deadline = time.monotonic() + timeout
+        pose_sub = self.recorder.subscriptions[self.pose_topic]
+        while True:
+            process.check_alive("starting up")
+            subscribed = all(p.get_subscription_count() >= 1 for p in image_publishers)
+            if subscribed and pose_sub.get_publisher_count() >= 1:
+                return
+            d = self.last_diag()
+            if d is not None and d.get("_level") == 2 and "configure failed" in d.get("_message", ""):
+                raise HarnessError(f"localizer_node: {d['_message']} (log: {process.log_path})")
+            if time.monotonic() > deadline:
+                state = d.get("state", "unknown") if d else "no diagnostics received"
+                raise NodeTimeoutError(
+                    f"localizer_node did not become active and subscribed within {timeout:g} s (state: {state}); "
+                    f"raise --startup-timeout or see {process.log_path}:\n{process.log_tail()}"
+                )
+            time.sleep(0.05)

@@ -1,141 +1,51 @@
-"""Play a ROS 2 bag into live topics and record topics, with rclpy and ``rosbags`` (no rosbag2 needed).
+"""Play a ROS 2 bag into live topics with rclpy and ``rosbags`` (no rosbag2 needed).
 
-``ros2 bag`` is not installable from PyPI, so this module replaces ``ros2 bag play`` / ``ros2 bag record`` for the
-evaluation tools (``apr-eval-bag live``, ``apr-bench node``) and for users without a full ROS 2 install::
+``ros2 bag`` is not installable from PyPI, so this replaces ``ros2 bag play`` for the evaluation tools
+(``apr-eval-bag live``, ``apr-bench node``) and for users without a full ROS 2 install
+(``python -m apr_training.cli.bag_player BAG [--topics ...] [--rate 2] [--clock] [--loop]``).
 
-    python -m apr_training.bags.player BAG [--topics /camera/image_raw ...] [--rate 2] [--clock] [--loop]
-
-:class:`BagPlayer` reads the bag with the ``rosbags`` reader and publishes the **serialized bytes** as recorded
+:class:`BagPlayer` reads the bag through :mod:`apr_training.bags.io` and publishes the **serialized bytes** as recorded
 (rclpy publishes CDR buffers directly; the rosbags and rclpy CDR encodings are byte-identical), at the recorded
 rate times ``rate``. Options: topic selection and remapping, start offset and duration, looping, ``/clock``
 (``rosgraph_msgs/Clock`` on the bag's timeline, for nodes with ``use_sim_time``) and *restamping*: every message that
 starts with a ``std_msgs/Header`` gets the wall-clock send time as ``header.stamp`` (patched in the CDR buffer, no
 deserialization), messages that shared a recorded stamp (an image and its camera info) share the new one, and the
 player logs every (recorded stamp, sent stamp, send time) triple so that a consumer's outputs can be matched back to
-the bag. :class:`TopicRecorder` subscribes to topics, keeps every message with its receipt time (wall clock, taken
-first thing in the callback) and can write them to a bag.
+the bag.
 
-Every process that imports rclpy must run with ``ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST``, a private
-``ROS_DOMAIN_ID`` and a temporary ``ROS_LOG_DIR``; :func:`prepare_ros_environment` sets what the caller has not set
-(call it before importing rclpy). Large images need the shared-memory Fast DDS profile
-(``config/fastdds_shm_big.xml``), which it sets as well.
+The process must have a ROS-safe environment first (:func:`apr_training.ros_harness.prepare_ros_environment`).
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import importlib
-import os
-import random
-import shutil
 import struct
-import sys
-import tempfile
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .io import bag_topics, open_bag, typestore
 
 __all__ = [
     "BagPlayer",
     "BagPlayerError",
     "PlayResult",
     "PlayedMessage",
-    "Recorded",
-    "RosSession",
-    "TopicRecorder",
-    "bag_topics",
-    "header_stamp_ns",
-    "main",
+    "cdr_header_stamp_ns",
     "msg_class",
-    "prepare_ros_environment",
-    "ros_environment",
-    "set_header_stamp",
+    "msg_type_name",
+    "set_cdr_header_stamp",
 ]
 
-_DOMAIN_RANGE = range(1, 101)  # 0 is everybody's default; ids above 101 can collide with ephemeral ports
-_RESTAMP_MEMORY = 4096
-_ENV_KEYS = (
-    "ROS_AUTOMATIC_DISCOVERY_RANGE",
-    "ROS_DOMAIN_ID",
-    "ROS_LOG_DIR",
-    "FASTDDS_DEFAULT_PROFILES_FILE",
-    "AMENT_PREFIX_PATH",
-)  # recorded stamps remembered for sharing a new stamp between messages
+_RESTAMP_MEMORY = 4096  # recorded stamps remembered for sharing a new stamp between messages
 
 
 class BagPlayerError(RuntimeError):
     """The bag cannot be played or recorded (one sentence naming the bag, topic or option)."""
-
-
-# --------------------------------------------------------------------------------------------- environment
-def prepare_ros_environment(
-    env: MutableMapping[str, str] | None = None, fastdds_profile: str | Path | None = None
-) -> dict[str, str]:
-    """Make ``env`` (default ``os.environ``) safe for rclpy; return the variables that were set or replaced.
-
-    * ``ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST`` always (any other value would multicast off the machine);
-    * ``ROS_DOMAIN_ID``: a random private id in 1..100 when unset or invalid;
-    * ``ROS_LOG_DIR``: a new temporary directory when unset;
-    * ``FASTDDS_DEFAULT_PROFILES_FILE``: ``fastdds_profile`` or the package's ``config/fastdds_shm_big.xml`` when
-      unset (shared-memory transport for full-size images);
-    * ``AMENT_PREFIX_PATH``: ``sys.prefix`` when unset (``ament_index_python`` raises without it).
-
-    Call it before ``import rclpy`` in this process; pass a copy of the environment for subprocesses.
-    """
-    env = os.environ if env is None else env
-    changed: dict[str, str] = {}
-    if env.get("ROS_AUTOMATIC_DISCOVERY_RANGE") != "LOCALHOST":
-        env["ROS_AUTOMATIC_DISCOVERY_RANGE"] = changed["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
-    domain = env.get("ROS_DOMAIN_ID", "")
-    if not (domain.isdigit() and 0 <= int(domain) <= 232):
-        env["ROS_DOMAIN_ID"] = changed["ROS_DOMAIN_ID"] = str(random.SystemRandom().choice(_DOMAIN_RANGE))
-    if not env.get("ROS_LOG_DIR"):
-        env["ROS_LOG_DIR"] = changed["ROS_LOG_DIR"] = tempfile.mkdtemp(prefix="apr_ros_log_")
-    if not env.get("FASTDDS_DEFAULT_PROFILES_FILE"):
-        profile = Path(fastdds_profile) if fastdds_profile else _default_fastdds_profile()
-        if profile is not None and profile.is_file():
-            env["FASTDDS_DEFAULT_PROFILES_FILE"] = changed["FASTDDS_DEFAULT_PROFILES_FILE"] = str(profile)
-    if not env.get("AMENT_PREFIX_PATH"):
-        env["AMENT_PREFIX_PATH"] = changed["AMENT_PREFIX_PATH"] = sys.prefix
-    return changed
-
-
-@contextlib.contextmanager
-def ros_environment(announce: Callable[[str], None] | None = None) -> Iterator[dict[str, str]]:
-    """Apply :func:`prepare_ros_environment` to ``os.environ`` for a block; undo it afterwards.
-
-    Yields the variables that were set (each is passed to ``announce`` as ``NAME=value`` first). On exit the
-    variables are restored and a ``ROS_LOG_DIR`` created here is removed with its contents.
-    """
-    before = {k: os.environ.get(k) for k in _ENV_KEYS}
-    changes = prepare_ros_environment()
-    for name, value in changes.items():
-        if announce is not None:
-            announce(f"{name}={value}")
-    try:
-        yield changes
-    finally:
-        if "ROS_LOG_DIR" in changes:
-            shutil.rmtree(changes["ROS_LOG_DIR"], ignore_errors=True)
-        for key, value in before.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
-def _default_fastdds_profile() -> Path | None:
-    from apr_localizer.resources import config_path
-
-    try:
-        return config_path("fastdds_shm_big.xml")
-    except FileNotFoundError:
-        return None
 
 
 # --------------------------------------------------------------------------------------------- messages
@@ -166,7 +76,7 @@ def _endian(buf: bytes | bytearray | memoryview) -> str | None:
     return {0: ">", 1: "<"}.get(buf[1])
 
 
-def header_stamp_ns(buf: bytes | bytearray | memoryview) -> int | None:
+def cdr_header_stamp_ns(buf: bytes | bytearray | memoryview) -> int | None:
     """Return ``header.stamp`` (ns) of a CDR message whose first field is a ``std_msgs/Header`` (None: not CDR)."""
     order = _endian(buf)
     if order is None:
@@ -175,7 +85,7 @@ def header_stamp_ns(buf: bytes | bytearray | memoryview) -> int | None:
     return sec * 1_000_000_000 + nanosec
 
 
-def set_header_stamp(buf: bytes | bytearray | memoryview, stamp_ns: int) -> bytearray:
+def set_cdr_header_stamp(buf: bytes | bytearray | memoryview, stamp_ns: int) -> bytearray:
     """Copy of a CDR message (first field ``std_msgs/Header``) with ``header.stamp`` set to ``stamp_ns``."""
     order = _endian(buf)
     if order is None:
@@ -186,47 +96,12 @@ def set_header_stamp(buf: bytes | bytearray | memoryview, stamp_ns: int) -> byte
     return out
 
 
-def _typestore():
-    from rosbags.typesys import Stores, get_typestore
-
-    return get_typestore(Stores.ROS2_KILTED)
-
-
-def _has_header(msgtype: str, typestore) -> bool:
+def _has_header(msgtype: str, store) -> bool:
     try:
-        fields = typestore.fielddefs[msgtype][1]
+        fields = store.fielddefs[msgtype][1]
     except KeyError:
         return False
     return bool(fields) and fields[0][1][1] == "std_msgs/msg/Header"
-
-
-def bag_topics(bag: str | Path) -> dict[str, tuple[str, int]]:
-    """``{topic: (msgtype, message count)}`` of a rosbag2 directory (sqlite3 or mcap) or a bare ``.mcap`` file."""
-    reader = _open_reader(bag)
-    try:
-        out: dict[str, tuple[str, int]] = {}
-        for c in reader.connections:
-            msgtype, n = out.get(c.topic, (c.msgtype, 0))
-            out[c.topic] = (msgtype, n + int(c.msgcount or 0))
-        return out
-    finally:
-        reader.close()
-
-
-def _open_reader(bag: str | Path):
-    """Return an opened rosbags reader (the caller closes it)."""
-    from rosbags.highlevel import AnyReader
-    from rosbags.rosbag2 import Reader
-
-    path = Path(bag)
-    if not path.exists():
-        raise BagPlayerError(f"bag {path} does not exist")
-    try:
-        reader = Reader(path) if path.is_dir() else AnyReader([path])
-        reader.open()
-    except Exception as exc:  # rosbags raises several reader error types
-        raise BagPlayerError(f"cannot open bag {path}: {exc}") from None
-    return reader
 
 
 # --------------------------------------------------------------------------------------------- player
@@ -326,7 +201,7 @@ class BagPlayer:
         self.remap = dict(remap or {})
         self._stop = threading.Event()
         self._restamped: OrderedDict[int, int] = OrderedDict()
-        self._typestore = _typestore()
+        self._typestore = typestore()
 
         available = bag_topics(self.bag)
         if topics is None:
@@ -424,7 +299,7 @@ class BagPlayer:
         ``on_publish`` is called after every publish (from this thread). :meth:`stop` ends the playback early.
         """
         result = PlayResult()
-        reader = _open_reader(self.bag)
+        reader = open_bag(self.bag)
         try:
             conns = [c for c in reader.connections if c.topic in self.publishers]
             begin_ns = int(reader.start_time) + int(self.start_offset_s * 1e9)
@@ -454,10 +329,10 @@ class BagPlayer:
                         data: bytes | bytearray = raw
                         send_time = time.time_ns()
                         if self._header[topic]:
-                            recorded = sent = header_stamp_ns(raw)
+                            recorded = sent = cdr_header_stamp_ns(raw)
                             if self.restamp and recorded is not None:
                                 sent = self._new_stamp(recorded, send_time)
-                                data = set_header_stamp(raw, sent)
+                                data = set_cdr_header_stamp(raw, sent)
                         lateness = (time.monotonic() - due) * 1e3
                         self.publishers[topic].publish(bytes(data))
                         played = PlayedMessage(
@@ -490,229 +365,3 @@ class BagPlayer:
         finally:
             reader.close()
         return result
-
-
-# --------------------------------------------------------------------------------------------- recorder
-@dataclass
-class Recorded:
-    """One received message: ``receipt_ns`` is the wall clock taken first thing in the callback."""
-
-    topic: str
-    receipt_ns: int
-    msg: Any  # the message object, or its CDR bytes when recording raw
-
-
-class TopicRecorder:
-    """Subscribe to topics on an rclpy node and keep every message with its receipt time.
-
-    Args:
-        node: the rclpy node (its executor must spin, e.g. in a background thread).
-        topics: topic → message class or type name (``geometry_msgs/msg/PoseStamped``).
-        qos: a QoS profile or depth for every subscription (default reliable, depth 100).
-        raw: keep the CDR bytes instead of deserialized messages (cheapest for images; needed for :meth:`write_bag`
-            only in the sense that deserialized messages are serialized again).
-
-    """
-
-    def __init__(self, node: Any, topics: Mapping[str, type | str], qos: Any = None, raw: bool = False) -> None:
-        from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
-
-        self.node = node
-        self.raw = raw
-        self.records: list[Recorded] = []
-        self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
-        self.types: dict[str, type] = {}
-        self.subscriptions: dict[str, Any] = {}
-        if qos is None:
-            qos = QoSProfile(depth=100, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE)
-        for topic, kind in topics.items():
-            cls = msg_class(kind) if isinstance(kind, str) else kind
-            self.types[topic] = cls
-            self.subscriptions[topic] = node.create_subscription(cls, topic, self._callback(topic), qos, raw=raw)
-
-    def _callback(self, topic: str) -> Callable[[Any], None]:
-        def cb(msg: Any) -> None:
-            receipt = time.time_ns()
-            with self._cond:
-                self.records.append(Recorded(topic, receipt, msg))
-                self._cond.notify_all()
-
-        return cb
-
-    def count(self, topic: str | None = None) -> int:
-        with self._lock:
-            return sum(1 for r in self.records if topic is None or r.topic == topic)
-
-    def snapshot(self, topic: str | None = None) -> list[Recorded]:
-        """Return the records so far (of ``topic`` or all), in receipt order."""
-        with self._lock:
-            return [r for r in self.records if topic is None or r.topic == topic]
-
-    def messages(self, topic: str) -> list[Any]:
-        """Deserialized messages of ``topic`` in receipt order."""
-        from rclpy.serialization import deserialize_message
-
-        cls = self.types[topic]
-        return [deserialize_message(r.msg, cls) if self.raw else r.msg for r in self.snapshot(topic)]
-
-    def wait_for(self, predicate: Callable[[list[Recorded]], bool], timeout: float) -> bool:
-        """Wait until ``predicate(records)`` is true (re-checked on every message); False on timeout."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while not predicate(self.records):
-                left = deadline - time.monotonic()
-                if left <= 0.0:
-                    return False
-                self._cond.wait(min(left, 0.1))
-            return True
-
-    def wait_for_publishers(self, topics: Iterable[str] | None = None, timeout: float = 20.0) -> bool:
-        """Wait until every subscription of ``topics`` (default all) has a matched publisher."""
-        names = list(self.subscriptions if topics is None else topics)
-        deadline = time.monotonic() + timeout
-        while any(self.subscriptions[t].get_publisher_count() < 1 for t in names):
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.02)
-        return True
-
-    def close(self) -> None:
-        for sub in self.subscriptions.values():
-            self.node.destroy_subscription(sub)
-        self.subscriptions.clear()
-
-    def write_bag(self, path: str | Path, storage: str = "sqlite3") -> Path:
-        """Write the records to a new rosbag2 (``storage`` sqlite3 or mcap) with their receipt times as log times."""
-        from rclpy.serialization import serialize_message
-        from rosbags.rosbag2 import StoragePlugin, Writer
-
-        plugins = {"sqlite3": StoragePlugin.SQLITE3, "mcap": StoragePlugin.MCAP}
-        if storage not in plugins:
-            raise BagPlayerError(f"storage must be one of {sorted(plugins)}, got {storage!r}")
-        path = Path(path)
-        if path.exists():
-            raise BagPlayerError(f"output bag {path} already exists")
-        ts = _typestore()
-        with Writer(path, version=9, storage_plugin=plugins[storage]) as writer:
-            conns = {}
-            for topic, cls in self.types.items():
-                conns[topic] = writer.add_connection(topic, msg_type_name(cls), typestore=ts)
-            for r in self.snapshot():
-                data = r.msg if self.raw else serialize_message(r.msg)
-                writer.write(conns[r.topic], r.receipt_ns, bytes(data))
-        return path
-
-
-# --------------------------------------------------------------------------------------------- session
-class RosSession:
-    """A private ``rclpy.Context`` with one node, spun by a ``SingleThreadedExecutor`` in a background thread.
-
-    Call :func:`prepare_ros_environment` first. The domain is ``domain_id`` or ``$ROS_DOMAIN_ID``.
-    """
-
-    def __init__(self, name: str, domain_id: int | None = None) -> None:
-        import rclpy
-        from rclpy.context import Context
-        from rclpy.executors import SingleThreadedExecutor
-
-        if os.environ.get("ROS_AUTOMATIC_DISCOVERY_RANGE") != "LOCALHOST":
-            raise BagPlayerError("ROS_AUTOMATIC_DISCOVERY_RANGE must be LOCALHOST (call prepare_ros_environment first)")
-        self.domain_id = int(os.environ.get("ROS_DOMAIN_ID", "0")) if domain_id is None else int(domain_id)
-        self.context = Context()
-        rclpy.init(context=self.context, domain_id=self.domain_id)
-        self.node = rclpy.create_node(name, context=self.context)
-        self.executor = SingleThreadedExecutor(context=self.context)
-        self.executor.add_node(self.node)
-        self._thread = threading.Thread(target=self._spin, name=f"{name}_spin", daemon=True)
-        self._thread.start()
-        self._closed = False
-
-    def _spin(self) -> None:
-        from rclpy.executors import ExternalShutdownException
-
-        try:
-            while self.context.ok():
-                self.executor.spin_once(timeout_sec=0.05)
-        except (ExternalShutdownException, RuntimeError):
-            pass
-
-    def close(self) -> None:
-        """Shut the context down and release the node (idempotent)."""
-        if self._closed:
-            return
-        self._closed = True
-        self.context.try_shutdown()
-        self._thread.join(timeout=5.0)
-        self.executor.shutdown()
-        self.node.destroy_node()
-
-    def __enter__(self) -> RosSession:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-# --------------------------------------------------------------------------------------------- CLI
-def _build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m apr_training.bags.player",
-        description="Play a ROS 2 bag (sqlite3 or mcap, read with rosbags) into live topics at the recorded rate, "
-        "like `ros2 bag play`, with LOCALHOST-only discovery.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("bag", help="rosbag2 directory or .mcap file")
-    p.add_argument("--topics", nargs="+", help="bag topics to play (default: all)")
-    p.add_argument("--rate", type=float, default=1.0, help="playback speed factor")
-    p.add_argument("--start-offset", type=float, default=0.0, help="skip this many seconds of the bag")
-    p.add_argument("--duration", type=float, help="play at most this many seconds of the bag")
-    p.add_argument("--loop", action="store_true", help="replay until interrupted")
-    p.add_argument("--clock", action="store_true", help="publish /clock on the bag's timeline (use_sim_time)")
-    p.add_argument("--restamp", action="store_true", help="stamp header-bearing messages with the send time")
-    p.add_argument("--remap", nargs="+", default=[], metavar="FROM:=TO", help="topic remappings")
-    p.add_argument("--wait-subscribers", type=float, default=0.0, help="wait up to this long for a subscriber first")
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Play a bag from the command line; returns the exit status."""
-    args = _build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    remap = {}
-    for item in args.remap:
-        if ":=" not in item:
-            print(f"bag_player: error: remapping {item!r} is not of the form FROM:=TO", file=sys.stderr)
-            return 2
-        src, dst = item.split(":=", 1)
-        remap[src] = dst
-    with ros_environment(lambda text: print(f"bag_player: set {text}", file=sys.stderr)):
-        session = RosSession("apr_bag_player")
-        try:
-            player = BagPlayer(
-                args.bag,
-                session.node,
-                args.topics,
-                rate=args.rate,
-                start_offset_s=args.start_offset,
-                duration_s=args.duration,
-                loop=args.loop,
-                clock=args.clock,
-                restamp=args.restamp,
-                remap=remap,
-            )
-            if args.wait_subscribers > 0:
-                player.wait_for_subscribers(timeout=args.wait_subscribers)
-            result = player.play()
-            print(f"bag_player: published {result.count()} messages in {result.wall_s:.2f} s ({result.loops} pass(es))")
-            return 0
-        except BagPlayerError as exc:
-            print(f"bag_player: error: {exc}", file=sys.stderr)
-            return 2
-        except KeyboardInterrupt:
-            return 130
-        finally:
-            session.close()
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

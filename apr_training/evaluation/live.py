@@ -59,17 +59,13 @@ Exit status: 0 success; 1 the live run finished but failed (node exit code not 0
 from __future__ import annotations
 
 import argparse
-import bisect
 import csv
 import datetime as _dt
 import math
 import os
-import re
-import signal
-import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,304 +74,27 @@ import numpy as np
 
 from apr_localizer import geometry
 
+from ..bags.ground_truth import GroundTruth, load_ground_truth
+from ..bags.io import IMAGE_MSGTYPES, BagError, bag_topics, iter_images
+from ..ros_harness import NODE_NAME, HarnessError, NodeMonitor, NodeProcess, NodeTimeoutError, RosHarness, write_params
 from . import metrics
 from .runner import method_columns, method_name
 
 __all__ = [
     "BagEvalError",
-    "BagFrame",
     "BagRun",
-    "GroundTruth",
     "LiveRun",
-    "LocalizerProcess",
-    "NodeTimeoutError",
     "build_parser",
-    "diag_values",
-    "iter_images",
-    "load_ground_truth",
     "main",
-    "node_command",
     "run_live",
     "run_offline",
-    "write_node_params",
 ]
 
-IMAGE_TYPES = ("sensor_msgs/msg/Image", "sensor_msgs/msg/CompressedImage")
-POSE_TYPES = (
-    "geometry_msgs/msg/PoseStamped",
-    "geometry_msgs/msg/PoseWithCovarianceStamped",
-    "nav_msgs/msg/Odometry",
-)
-NODE_NAME = "apr_localizer"
 _STAGES = ("decode", "preprocess", "apr", "iapr", "postprocess")
 
 
 class BagEvalError(RuntimeError):
     """The evaluation cannot run (one sentence naming the bag, topic, file or option)."""
-
-
-class NodeTimeoutError(BagEvalError):
-    """The localizer node did not reach a state in time (one sentence saying what was awaited)."""
-
-
-# =============================================================================================== bag reading
-def _typestore():
-    from rosbags.typesys import Stores, get_typestore
-
-    return get_typestore(Stores.ROS2_KILTED)
-
-
-def _open_reader(bag: str | Path):
-    from ..bags.player import _open_reader as open_reader
-
-    try:
-        return open_reader(bag)
-    except Exception as exc:  # BagPlayerError or a rosbags error
-        raise BagEvalError(str(exc)) from None
-
-
-def _stamp_ns(header: Any) -> int:
-    return int(header.stamp.sec) * 1_000_000_000 + int(header.stamp.nanosec)
-
-
-def _topic_types(reader) -> dict[str, str]:
-    return {c.topic: c.msgtype for c in reader.connections}
-
-
-def _require_topic(reader, bag: Path, topic: str, allowed: Sequence[str], what: str) -> str:
-    types = _topic_types(reader)
-    if topic not in types:
-        listing = ", ".join(f"{t} ({types[t]})" for t in sorted(types)) or "none"
-        raise BagEvalError(f"bag {bag} has no topic {topic} for the {what}; its topics are: {listing}")
-    if types[topic] not in allowed:
-        raise BagEvalError(f"topic {topic} of bag {bag} is a {types[topic]}; the {what} must be one of {list(allowed)}")
-    return types[topic]
-
-
-def _pose_from_ros(position: Any, orientation: Any) -> np.ndarray:
-    """``[x,y,z,qw,qx,qy,qz]`` from ROS ``Point``/``Vector3`` + ``Quaternion`` (x, y, z, w) objects."""
-    q = geometry.quat_from_ros([orientation.x, orientation.y, orientation.z, orientation.w])
-    return np.array([position.x, position.y, position.z, *q], dtype=np.float64)
-
-
-def _msg_pose(msgtype: str, msg: Any) -> np.ndarray:
-    # PoseWithCovarianceStamped and Odometry carry a PoseWithCovariance
-    p = msg.pose if msgtype == "geometry_msgs/msg/PoseStamped" else msg.pose.pose
-    return _pose_from_ros(p.position, p.orientation)
-
-
-# =============================================================================================== ground truth
-@dataclass
-class GroundTruth:
-    """Ground-truth poses from a bag, looked up by image stamp.
-
-    ``lookup(stamp_ns)`` returns ``(pose (7,), offset_ms)`` or ``(None, offset_ms)`` when nothing lies within the
-    tolerance; ``offset_ms`` is the distance to the sample used (0 for an exact match or an interpolation).
-    """
-
-    spec: str
-    kind: str  # pose | odom | tf
-    tolerance_s: float
-    stamps_ns: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    poses: np.ndarray = field(default_factory=lambda: np.zeros((0, 7)))
-    tf: Any = None  # TFChain for kind "tf"
-
-    def __len__(self) -> int:
-        return len(self.stamps_ns) if self.kind != "tf" else self.tf.samples
-
-    def lookup(self, stamp_ns: int) -> tuple[np.ndarray | None, float]:
-        tol_ns = int(self.tolerance_s * 1e9)
-        if self.kind == "tf":
-            return self.tf.lookup(stamp_ns, tol_ns)
-        n = len(self.stamps_ns)
-        if not n:
-            return None, math.inf
-        i = bisect.bisect_left(self.stamps_ns, stamp_ns)
-        best, best_dt = None, None
-        for j in (i - 1, i):
-            if 0 <= j < n:
-                dt = abs(int(self.stamps_ns[j]) - stamp_ns)
-                if best_dt is None or dt < best_dt:
-                    best, best_dt = j, dt
-        if best_dt is None or best_dt > tol_ns:
-            return None, (best_dt or 0) * 1e-6
-        return self.poses[best].copy(), best_dt * 1e-6
-
-
-class TFChain:
-    """Transforms of a bag's ``/tf`` and ``/tf_static`` and the chain ``parent → … → child`` looked up at a stamp.
-
-    Each edge keeps its samples sorted by stamp. A lookup interpolates every dynamic edge of the chain at the stamp
-    (linear position, quaternion slerp through :func:`geometry.quat_slerp`), allows extrapolation by at most the
-    tolerance (holding the nearest sample), and composes the edges with :func:`geometry.pose_compose`.
-    """
-
-    def __init__(self, parent: str, child: str) -> None:
-        self.parent, self.child = parent.strip("/"), child.strip("/")
-        self.edges: dict[str, tuple[str, list[tuple[int, np.ndarray]]]] = {}  # child → (parent, samples)
-        self.static: set[str] = set()
-        self._chain: list[str] | None = None
-
-    def add(self, parent: str, child: str, stamp_ns: int, pose: np.ndarray, static: bool) -> None:
-        parent, child = parent.strip("/"), child.strip("/")
-        if child in self.edges and self.edges[child][0] != parent:
-            return  # a frame has one parent (tf2 semantics); the first one wins
-        self.edges.setdefault(child, (parent, []))[1].append((int(stamp_ns), pose))
-        if static:
-            self.static.add(child)
-
-    @property
-    def samples(self) -> int:
-        return sum(len(s) for _, s in self.edges.values())
-
-    def finalize(self, bag: Path) -> None:
-        """Sort the samples and resolve the chain (one sentence error when the frames are not connected)."""
-        for _, samples in self.edges.values():
-            samples.sort(key=lambda s: s[0])
-        chain, frame, seen = [], self.child, set()
-        while frame != self.parent:
-            if frame not in self.edges or frame in seen:
-                known = sorted({*self.edges, *(p for p, _ in self.edges.values())})
-                raise BagEvalError(
-                    f"bag {bag} has no TF chain {self.parent} -> {self.child} (stuck at frame {frame!r}); "
-                    f"frames in /tf and /tf_static: {', '.join(known) or 'none'}"
-                )
-            seen.add(frame)
-            chain.append(frame)
-            frame = self.edges[frame][0]
-        self._chain = chain[::-1]  # parent-most edge first
-
-    def _edge(self, child: str, stamp_ns: int, tol_ns: int) -> tuple[np.ndarray | None, float]:
-        samples = self.edges[child][1]
-        if child in self.static:
-            return samples[-1][1], 0.0
-        stamps = [s for s, _ in samples]
-        i = bisect.bisect_left(stamps, stamp_ns)
-        if i < len(stamps) and stamps[i] == stamp_ns:
-            return samples[i][1], 0.0
-        if 0 < i < len(stamps):
-            (t0, p0), (t1, p1) = samples[i - 1], samples[i]
-            a = (stamp_ns - t0) / (t1 - t0)
-            q = geometry.quat_slerp(p0[3:], p1[3:], a)
-            return np.concatenate([p0[:3] + a * (p1[:3] - p0[:3]), q]), 0.0
-        j = 0 if i == 0 else len(stamps) - 1
-        dt = abs(stamps[j] - stamp_ns)
-        return (samples[j][1] if dt <= tol_ns else None), dt * 1e-6
-
-    def lookup(self, stamp_ns: int, tol_ns: int) -> tuple[np.ndarray | None, float]:
-        pose = np.array([0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0])
-        worst = 0.0
-        for child in self._chain or []:
-            edge, dt = self._edge(child, stamp_ns, tol_ns)
-            worst = max(worst, dt)
-            if edge is None:
-                return None, worst
-            pose = geometry.pose_compose(pose, edge)
-        return pose, worst
-
-
-_GT_RE = re.compile(r"^(pose|odom|tf):(.+)$")
-
-
-def load_ground_truth(bag: str | Path, spec: str, tolerance_s: float = 0.02) -> GroundTruth:
-    """Read the ground truth named by ``spec`` (``pose:/topic``, ``odom:/topic`` or ``tf:PARENT->CHILD``)."""
-    bag = Path(bag)
-    m = _GT_RE.match(spec.strip())
-    if not m:
-        raise BagEvalError(f"--gt {spec!r} is not one of pose:/topic, odom:/topic, tf:PARENT->CHILD")
-    kind, arg = m.group(1), m.group(2).strip()
-    if tolerance_s < 0:
-        raise BagEvalError(f"--tolerance must be >= 0 s, got {tolerance_s}")
-    ts = _typestore()
-    reader = _open_reader(bag)
-    try:
-        if kind == "tf":
-            if "->" not in arg:
-                raise BagEvalError(f"--gt {spec!r}: expected tf:PARENT->CHILD, e.g. tf:map->camera_optical")
-            parent, child = (s.strip() for s in arg.split("->", 1))
-            chain = TFChain(parent, child)
-            conns = [c for c in reader.connections if c.topic in ("/tf", "/tf_static")]
-            if not conns:
-                raise BagEvalError(f"bag {bag} has neither /tf nor /tf_static for --gt {spec}")
-            for conn, _, raw in reader.messages(connections=conns):
-                msg = ts.deserialize_cdr(raw, conn.msgtype)
-                for tf in msg.transforms:
-                    pose = _pose_from_ros(tf.transform.translation, tf.transform.rotation)
-                    chain.add(
-                        tf.header.frame_id, tf.child_frame_id, _stamp_ns(tf.header), pose, conn.topic == "/tf_static"
-                    )
-            chain.finalize(bag)
-            return GroundTruth(spec, kind, tolerance_s, tf=chain)
-        allowed = ("nav_msgs/msg/Odometry",) if kind == "odom" else POSE_TYPES
-        msgtype = _require_topic(reader, bag, arg, allowed, f"ground truth ({kind})")
-        conns = [c for c in reader.connections if c.topic == arg]
-        stamps, poses = [], []
-        for _, _, raw in reader.messages(connections=conns):
-            msg = ts.deserialize_cdr(raw, msgtype)
-            stamps.append(_stamp_ns(msg.header))
-            poses.append(_msg_pose(msgtype, msg))
-    finally:
-        reader.close()
-    if not stamps:
-        raise BagEvalError(f"topic {arg} of bag {bag} has no messages for --gt {spec}")
-    order = np.argsort(np.asarray(stamps, dtype=np.int64), kind="stable")
-    return GroundTruth(
-        spec, kind, tolerance_s, np.asarray(stamps, dtype=np.int64)[order], np.asarray(poses, dtype=np.float64)[order]
-    )
-
-
-# =============================================================================================== images
-@dataclass
-class BagFrame:
-    """One image of the bag: index on its topic, ``header.stamp``, log time, RGB pixels, decode time."""
-
-    index: int
-    stamp_ns: int
-    bag_time_ns: int
-    rgb: np.ndarray
-    decode_ms: float
-
-
-def _decode(msgtype: str, msg: Any) -> np.ndarray:
-    from apr_localizer import imaging
-
-    if msgtype == "sensor_msgs/msg/CompressedImage":
-        return imaging.decode_compressed(msg.data, msg.format)
-    return imaging.decode_raw(
-        msg.data, msg.encoding, int(msg.width), int(msg.height), int(msg.step), is_bigendian=bool(msg.is_bigendian)
-    )
-
-
-def iter_images(
-    bag: str | Path, topic: str, stride: int = 1, limit: int | None = None, decode: bool = True
-) -> Iterator[BagFrame]:
-    """Yield every ``stride``-th image of ``topic`` (``Image`` or ``CompressedImage``) in log-time order."""
-    from apr_localizer.imaging import ImageDecodeError
-
-    bag = Path(bag)
-    ts = _typestore()
-    reader = _open_reader(bag)
-    try:
-        msgtype = _require_topic(reader, bag, topic, IMAGE_TYPES, "images")
-        conns = [c for c in reader.connections if c.topic == topic]
-        n_out = 0
-        for i, (_, t_ns, raw) in enumerate(reader.messages(connections=conns)):
-            if i % stride:
-                continue
-            if limit is not None and n_out >= limit:
-                break
-            t0 = time.perf_counter()
-            msg = ts.deserialize_cdr(raw, msgtype)
-            rgb = np.zeros((0, 0, 3), np.uint8)
-            if decode:
-                try:
-                    rgb = _decode(msgtype, msg)
-                except ImageDecodeError as exc:
-                    raise BagEvalError(f"image {i} on {topic} of bag {bag}: {exc}") from None
-            yield BagFrame(i, _stamp_ns(msg.header), int(t_ns), rgb, (time.perf_counter() - t0) * 1e3)
-            n_out += 1
-    finally:
-        reader.close()
 
 
 # =============================================================================================== offline
@@ -472,8 +191,6 @@ def run_offline(
     names += [f"post{k}" for k in range(K + 1)]
     timings: dict[str, list[float]] = {k: [] for k in names}
     read = without = 0
-    from ..bags.player import bag_topics
-
     total = -(-bag_topics(bag).get(image_topic, ("", 0))[1] // stride)
     total = min(total, limit) if limit is not None else total
     bar = tqdm(total=total or None, desc="apr-eval-bag", unit="frame", disable=not progress, file=sys.stderr)
@@ -663,187 +380,6 @@ def write_offline_outputs(
     return text
 
 
-# =============================================================================================== the node process
-def node_command() -> list[str]:
-    """Return the console script ``localizer_node`` of this environment, else ``python -m apr_localizer.node``."""
-    for directory in (Path(sys.prefix) / "bin", Path(sys.prefix) / "lib" / "apr_localizer"):
-        exe = directory / "localizer_node"
-        if exe.is_file() and os.access(exe, os.X_OK):
-            return [str(exe)]
-    return [sys.executable, "-m", "apr_localizer.node"]
-
-
-def write_node_params(path: Path, overrides: Mapping[str, Any], node_name: str = "/**") -> Path:
-    """Write a ``--params-file`` YAML holding ``overrides`` (nested dicts or dotted keys) for ``node_name``."""
-    import yaml
-
-    nested: dict[str, Any] = {}
-    for key, value in overrides.items():
-        parts = key.split(".")
-        d = nested
-        for p in parts[:-1]:
-            d = d.setdefault(p, {})
-        d[parts[-1]] = value
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump({node_name: {"ros__parameters": nested}}, sort_keys=False), encoding="utf-8")
-    return path
-
-
-def diag_values(msg: Any, node_name: str = NODE_NAME) -> dict[str, str] | None:
-    """Key/value dict (plus ``_level`` and ``_message``) of node ``node_name``'s status in a ``DiagnosticArray``."""
-    for status in msg.status:
-        if status.name.startswith(f"{node_name}: "):
-            values = {kv.key: kv.value for kv in status.values}
-            level = status.level
-            values["_level"] = str(int.from_bytes(level, "little") if isinstance(level, bytes) else int(level))
-            values["_message"] = status.message
-            return values
-    return None
-
-
-class LocalizerProcess:
-    """``localizer_node`` as a subprocess (``--ros-args --params-file ...``); output goes to ``log_path``.
-
-    The package directory this module was imported from is put first on the child's ``PYTHONPATH`` so that the node
-    runs the same code. :meth:`stop` sends SIGINT and returns the exit code (0 on a clean shutdown).
-    """
-
-    def __init__(
-        self,
-        params_files: Sequence[Path],
-        env: Mapping[str, str],
-        log_path: Path,
-        node_name: str = NODE_NAME,
-        extra_args: Sequence[str] = (),
-    ) -> None:
-        import apr_localizer
-
-        self.node_name = node_name
-        self.log_path = Path(log_path)
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        child_env = dict(env)
-        src = str(Path(apr_localizer.__file__).resolve().parents[1])
-        child_env["PYTHONPATH"] = os.pathsep.join(p for p in (src, child_env.get("PYTHONPATH", "")) if p)
-        child_env.setdefault("PYTHONUNBUFFERED", "1")
-        args = [a for f in params_files for a in ("--params-file", str(f))]
-        self.command = [*node_command(), "--ros-args", "-r", f"__node:={node_name}", *args, *extra_args]
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(self.command, env=child_env, stdout=self._log, stderr=subprocess.STDOUT)
-        self.returncode: int | None = None
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def log_tail(self, lines: int = 25) -> str:
-        if not self._log.closed:
-            self._log.flush()
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
-
-    def check_alive(self, what: str) -> None:
-        """Raise :class:`BagEvalError` with the log tail when the node has exited."""
-        if not self.alive():
-            raise BagEvalError(
-                f"localizer_node exited with code {self.proc.returncode} while {what}; last lines of "
-                f"{self.log_path}:\n{self.log_tail()}"
-            )
-
-    def stop(self, timeout: float = 30.0) -> int:
-        """SIGINT, wait up to ``timeout`` s (then SIGKILL, code -9); return the exit code. Idempotent."""
-        if self.returncode is not None:
-            return self.returncode
-        try:
-            if self.alive():
-                self.proc.send_signal(signal.SIGINT)
-                try:
-                    self.proc.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait()
-            self.returncode = int(self.proc.returncode)
-        finally:
-            self._log.close()
-        return self.returncode
-
-
-class NodeMonitor:
-    """The evaluating side of a live run: records ``~/pose`` and ``/diagnostics`` of the node on an rclpy node."""
-
-    def __init__(self, session: Any, node_name: str = NODE_NAME) -> None:
-        from diagnostic_msgs.msg import DiagnosticArray
-        from geometry_msgs.msg import PoseStamped
-
-        from ..bags.player import TopicRecorder
-
-        self.node_name = node_name
-        self.pose_topic = f"/{node_name}/pose"
-        self.recorder = TopicRecorder(session.node, {self.pose_topic: PoseStamped, "/diagnostics": DiagnosticArray})
-
-    def poses(self) -> list[tuple[int, int, np.ndarray]]:
-        """``(stamp_ns, receipt_ns, pose (7,))`` of every received ``~/pose`` in receipt order."""
-        return [
-            (_stamp_ns(r.msg.header), r.receipt_ns, _pose_from_ros(r.msg.pose.position, r.msg.pose.orientation))
-            for r in self.recorder.snapshot(self.pose_topic)
-        ]
-
-    def pose_stamps(self) -> set[int]:
-        """``header.stamp`` (ns) of every received ``~/pose``."""
-        return {_stamp_ns(r.msg.header) for r in self.recorder.snapshot(self.pose_topic)}
-
-    def pose_count(self) -> int:
-        return self.recorder.count(self.pose_topic)
-
-    def last_diag(self, after_ns: int = 0) -> dict[str, str] | None:
-        """Return the newest diagnostics of the node received after ``after_ns`` (wall clock), or None."""
-        for r in reversed(self.recorder.snapshot("/diagnostics")):
-            if r.receipt_ns < after_ns:
-                break
-            values = diag_values(r.msg, self.node_name)
-            if values is not None:
-                return values
-        return None
-
-    def wait_diag(self, after_ns: int, timeout: float) -> dict[str, str] | None:
-        """Wait for diagnostics received after ``after_ns``; None on timeout."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            d = self.last_diag(after_ns)
-            if d is not None:
-                return d
-            time.sleep(0.05)
-        return None
-
-    def wait_active(self, process: LocalizerProcess, image_publishers: Sequence[Any], timeout: float) -> None:
-        """Wait until the node subscribes to the images and its ``~/pose`` publisher is matched.
-
-        Fails early with the node's log when it exits, and with its diagnostics message when configure failed.
-        """
-        deadline = time.monotonic() + timeout
-        pose_sub = self.recorder.subscriptions[self.pose_topic]
-        while True:
-            process.check_alive("starting up")
-            subscribed = all(p.get_subscription_count() >= 1 for p in image_publishers)
-            if subscribed and pose_sub.get_publisher_count() >= 1:
-                return
-            d = self.last_diag()
-            if d is not None and d.get("_level") == "2" and "configure failed" in d.get("_message", ""):
-                raise BagEvalError(f"localizer_node: {d['_message']} (log: {process.log_path})")
-            if time.monotonic() > deadline:
-                state = d.get("state", "unknown") if d else "no diagnostics received"
-                raise NodeTimeoutError(
-                    f"localizer_node did not become active and subscribed within {timeout:g} s (state: {state}); "
-                    f"raise --startup-timeout or see {process.log_path}:\n{process.log_tail()}"
-                )
-            time.sleep(0.05)
-
-
 # =============================================================================================== live
 @dataclass
 class LiveRun:
@@ -880,14 +416,14 @@ def run_live(args: argparse.Namespace, env_changes: Mapping[str, str], out: Path
     """Start the node, replay the bag into it, record its poses, stop it (see the module docstring)."""
     from apr_localizer.resources import config_path
 
-    from ..bags.player import BagPlayer, BagPlayerError, RosSession, bag_topics
+    from ..bags.player import BagPlayer, BagPlayerError
 
     topics = bag_topics(args.bag)
     if args.image_topic not in topics:
         listing = ", ".join(f"{t} ({v[0]})" for t, v in sorted(topics.items())) or "none"
         raise BagEvalError(f"bag {args.bag} has no topic {args.image_topic}; its topics are: {listing}")
     image_type = topics[args.image_topic][0]
-    if image_type not in IMAGE_TYPES:
+    if image_type not in IMAGE_MSGTYPES:
         raise BagEvalError(f"topic {args.image_topic} of bag {args.bag} is a {image_type}, not an image")
     play_topics = [args.image_topic]
     info_topic = args.camera_info_topic
@@ -905,6 +441,7 @@ def run_live(args: argparse.Namespace, env_changes: Mapping[str, str], out: Path
         "model.path": str(Path(args.model).resolve()),
         "image_topic": args.image_topic,
         "image_transport": "compressed" if image_type.endswith("CompressedImage") else "raw",
+        "output_pose": "camera",  # evaluated against camera ground truth (the node's default is the base pose)
         "diagnostics_period_s": 0.5,
     }
     if args.iapr:
@@ -925,11 +462,11 @@ def run_live(args: argparse.Namespace, env_changes: Mapping[str, str], out: Path
     for p in params:
         if not p.is_file():
             raise BagEvalError(f"parameter file {p} does not exist")
-    params.append(write_node_params(out / "node_params.yaml", overrides))
+    params.append(write_params(out / "node_params.yaml", overrides))
 
     env = dict(os.environ)
-    session = RosSession("apr_eval_bag")
-    process: LocalizerProcess | None = None
+    session = RosHarness(name="apr_eval_bag")
+    process: NodeProcess | None = None
     try:
         monitor = NodeMonitor(session, args.node_name)
         try:
@@ -945,7 +482,7 @@ def run_live(args: argparse.Namespace, env_changes: Mapping[str, str], out: Path
             )
         except BagPlayerError as exc:
             raise BagEvalError(str(exc)) from None
-        process = LocalizerProcess(params, env, out / "node.log", node_name=args.node_name)
+        process = NodeProcess(params, env, out / "node.log", node_name=args.node_name)
         _say(
             args,
             f"apr-eval-bag: started localizer_node (pid {process.pid}); waiting until it is active "
@@ -1484,14 +1021,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.mode == "offline":
             return _main_offline(args, argv)
-        from ..bags.player import ros_environment
+        from ..ros_harness import ros_environment
 
         with ros_environment(lambda text: _say(args, f"apr-eval-bag: set {text}")) as changes:
             return _main_live(args, argv, changes)
     except NodeTimeoutError as exc:
         print(f"apr-eval-bag: timeout: {exc}", file=sys.stderr)
         return 3
-    except BagEvalError as exc:
+    except (BagEvalError, BagError, HarnessError) as exc:
         print(f"apr-eval-bag: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

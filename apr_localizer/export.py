@@ -1,6 +1,7 @@
-"""ONNX export of a :class:`ModelBundle`, torch-vs-ONNX-Runtime parity reports and TensorRT engine builds.
+"""ONNX export of a :class:`ModelBundle`, torch-vs-ONNX-Runtime parity reports and the fp16 graph conversion.
 
-Graphs (fixed batch, single-file ONNX, names from :mod:`apr_localizer.backends.base`):
+Graphs (fixed batch, single-file ONNX; the contract lives in :mod:`apr_localizer.graphs`; TensorRT engines are built
+by :mod:`apr_localizer.backends.tensorrt_build`):
 
 * ``apr.onnx``: ``image (B,3,H,W) float32, scene_override (B,) int64 -> pose (B,7), scene_log_probs (B,S),
   scene (B,) int64, latent_t (B,D), latent_rot (B,D)``; ``scene_override < 0`` selects the classifier's argmax;
@@ -31,22 +32,29 @@ import hashlib
 import io
 import json
 import logging
-import os
-import tempfile
 import time
 import warnings
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import torch
 from torch import nn
 
-from .backends.base import APR_INPUTS, APR_OUTPUTS, REFINE_INPUTS, REFINE_OUTPUTS, BackendError
 from .checkpoints import ModelBundle
+from .fileio import atomic_path, atomic_write_text
+from .graphs import (
+    APR_INPUTS,
+    APR_OUTPUTS,
+    GRAPH_FILES,
+    MANIFEST_NAME,
+    PARITY_NAME,
+    REFINE_INPUTS,
+    graph_io,
+    graph_signature,
+)
 from .models.ms_transformer import MSTransformer
 from .models.rpr import IAPR
 
@@ -54,26 +62,17 @@ __all__ = [
     "DEFAULT_DYNAMO",
     "DEFAULT_OPSET",
     "FORBIDDEN_OPS",
-    "GRAPH_FILES",
-    "MANIFEST_NAME",
-    "PARITY_NAME",
     "QUATERNION_CONVENTION",
     "AprGraph",
     "ExportError",
     "ExportResult",
     "RefineGraph",
-    "build_tensorrt_engine",
-    "build_tensorrt_engine_bytes",
     "convert_onnx_fp16",
     "export_onnx",
     "file_sha256",
     "fold_constants",
-    "graph_io",
-    "import_tensorrt",
-    "is_rtx",
     "load_export",
     "parity_report",
-    "trt_major",
     "weights_sha256",
 ]
 
@@ -82,9 +81,7 @@ log = logging.getLogger(__name__)
 DEFAULT_DYNAMO = False
 DEFAULT_OPSET = 17  # with dynamo=True the default is 18
 EXPORT_FORMAT_VERSION = 1
-MANIFEST_NAME = "manifest.json"
-PARITY_NAME = "parity.json"
-GRAPH_FILES = {"apr": "apr.onnx", "encoder": "encoder.onnx", "refine": "refine.onnx"}
+MAX_MANIFEST_BYTES = 4 << 20  # a manifest is a few kB
 # Ops that would mean data-dependent control flow or in-place writes (TensorRT-hostile, slow on every runtime).
 FORBIDDEN_OPS = frozenset(
     {"If", "Loop", "Scan", "ScatterND", "ScatterElements", "Scatter", "NonZero", "Compress", "Unique"}
@@ -128,15 +125,6 @@ class RefineGraph(nn.Module):
         return (self.iapr.step(latent_t, latent_rot, pose, scene),)
 
 
-def graph_io(graph: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """Input and output names of graph ``apr``, ``encoder`` or ``refine``."""
-    if graph in ("apr", "encoder"):
-        return APR_INPUTS, APR_OUTPUTS
-    if graph == "refine":
-        return REFINE_INPUTS, REFINE_OUTPUTS
-    raise ExportError(f"unknown graph '{graph}'; expected one of {', '.join(GRAPH_FILES)}")
-
-
 def _graphs_of(bundle: ModelBundle) -> dict[str, nn.Module]:
     graphs: dict[str, nn.Module] = {"apr": AprGraph(bundle.apr)}
     if bundle.iapr is not None:
@@ -164,24 +152,7 @@ def _example_inputs(bundle: ModelBundle, graph: str, batch: int, seed: int = 0) 
 def _expected_shapes(bundle: ModelBundle, graph: str, batch: int) -> dict[str, tuple[tuple[int, ...], str]]:
     size = int(bundle.preprocess.get("crop", 224))
     model = bundle.apr if graph != "encoder" else bundle.iapr.mstransformer
-    s, d = model.num_scenes, model.config.hidden_dim
-    if graph in ("apr", "encoder"):
-        return {
-            "image": ((batch, 3, size, size), "float32"),
-            "scene_override": ((batch,), "int64"),
-            "pose": ((batch, 7), "float32"),
-            "scene_log_probs": ((batch, s), "float32"),
-            "scene": ((batch,), "int64"),
-            "latent_t": ((batch, d), "float32"),
-            "latent_rot": ((batch, d), "float32"),
-        }
-    return {
-        "latent_t": ((batch, d), "float32"),
-        "latent_rot": ((batch, d), "float32"),
-        "pose": ((batch, 7), "float32"),
-        "scene": ((batch,), "int64"),
-        "refined_pose": ((batch, 7), "float32"),
-    }
+    return graph_signature(graph, batch, size, model.num_scenes, model.config.hidden_dim)
 
 
 # ------------------------------------------------------------------------------------------------ hashing
@@ -289,8 +260,8 @@ def _export_graph(
     device = next(module.parameters()).device  # export where the weights are (a CUDA bundle exports fine)
     args = tuple(a.to(device) for a in args)
     try:
-        with torch.no_grad(), _quiet_export():
-            torch.onnx.export(module.eval(), args, str(path), **kw)
+        with torch.no_grad(), _quiet_export(), atomic_path(path) as tmp:
+            torch.onnx.export(module.eval(), args, str(tmp), **kw)
     except Exception as e:
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         exporter = "dynamo" if dynamo else "TorchScript"
@@ -460,7 +431,8 @@ def export_onnx(
                 onnx.checker.check_model(model, full_check=True)
             except Exception as e:
                 raise ExportError(f"{path.name}: onnx.checker rejected the graph ({str(e).splitlines()[0]})") from e
-        onnx.save_model(model, str(path))
+        with atomic_path(path) as tmp:
+            onnx.save_model(model, str(tmp))
         files[graph] = path
         counts[graph] = len(model.graph.node)
         graphs_meta[graph] = {
@@ -516,16 +488,18 @@ def _versions(dynamo: bool) -> dict[str, str]:
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def _check_manifest_io(mpath: Path, graph: str, meta: Any) -> None:
+    """Check that the manifest names the contract's inputs and outputs of ``graph`` (:mod:`apr_localizer.graphs`)."""
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+        want = graph_io(graph)
+        got = tuple(tuple(e["name"] for e in meta[k]) for k in ("inputs", "outputs"))
+    except (ValueError, KeyError, TypeError):
+        raise ExportError(f"{mpath}: the record of graph '{graph}' is not a valid apr_localizer graph entry") from None
+    if got != want:
+        raise ExportError(f"{mpath}: graph '{graph}' has I/O {got}, expected {want} (an older or foreign export)")
 
 
 def load_export(out_dir: str | Path, verify: bool = True) -> ExportResult:
@@ -533,15 +507,19 @@ def load_export(out_dir: str | Path, verify: bool = True) -> ExportResult:
     out_dir = Path(out_dir)
     mpath = out_dir / MANIFEST_NAME
     try:
-        manifest = json.loads(mpath.read_text())
+        size = mpath.stat().st_size
+        if size > MAX_MANIFEST_BYTES:  # bounded before reading: a damaged file must not allocate gigabytes
+            raise ExportError(f"{mpath}: {size} bytes, more than a manifest can have ({MAX_MANIFEST_BYTES}); damaged")
+        manifest = json.loads(mpath.read_bytes())
     except FileNotFoundError:
         raise ExportError(f"{mpath}: no ONNX export manifest (run export_onnx first)") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise ExportError(f"{mpath}: unreadable export manifest ({e})") from None
-    if manifest.get("format") != "apr_localizer-onnx" or "graphs" not in manifest:
+    except (OSError, ValueError) as e:
+        raise ExportError(f"{mpath}: unreadable export manifest ({type(e).__name__})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != "apr_localizer-onnx" or "graphs" not in manifest:
         raise ExportError(f"{mpath}: not an apr_localizer ONNX export manifest")
     files = {}
     for graph, meta in manifest["graphs"].items():
+        _check_manifest_io(mpath, graph, meta)
         path = out_dir / meta["file"]
         if not path.is_file():
             raise ExportError(f"{path}: listed in {MANIFEST_NAME} but missing")
@@ -585,7 +563,7 @@ def parity_report(
     output is within ``tolerance`` (max abs) and every selected scene agrees. Uses the export in ``out_dir`` (which
     must come from the same weights) or exports one there first.
     """
-    from .backends.onnxruntime_backend import make_session
+    from .backends.ort_session import make_session
 
     out_dir = Path(out_dir)
     if (out_dir / MANIFEST_NAME).is_file():
@@ -717,9 +695,8 @@ def convert_onnx_fp16(src: str | Path, dst: str | Path, keep_layernorm_fp32: boo
     except Exception as e:
         raise ExportError(f"{Path(src).name}: the fp16 conversion produced an invalid graph ({e})") from e
     dst = Path(dst)
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    onnx.save_model(model16, str(tmp))
-    os.replace(tmp, dst)
+    with atomic_path(dst) as tmp:
+        onnx.save_model(model16, str(tmp))
     return dst
 
 
@@ -754,189 +731,3 @@ def _dedupe_and_sort(model: Any) -> None:
         pending = waiting
     del g.node[:]
     g.node.extend(ordered)
-
-
-# ------------------------------------------------------------------------------------------------ TensorRT
-def import_tensorrt() -> ModuleType:
-    """Import ``tensorrt``, else ``tensorrt_rtx``; :class:`BackendError` when neither imports."""
-    errors = []
-    for name in ("tensorrt", "tensorrt_rtx"):
-        try:
-            return __import__(name)
-        except Exception as e:  # ImportError, or a broken install raising OSError at import
-            errors.append(f"{name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
-    raise BackendError("TensorRT is not available (" + "; ".join(errors) + ")")
-
-
-def is_rtx(trt: ModuleType) -> bool:
-    """Tell whether ``trt`` is TensorRT-RTX (strongly typed networks, no precision flags, RTX-class GPUs only)."""
-    return trt.__name__.split(".")[0] == "tensorrt_rtx"
-
-
-def trt_major(trt: ModuleType) -> int:
-    try:
-        return int(str(trt.__version__).split(".")[0])
-    except (AttributeError, ValueError):
-        return 0
-
-
-def _set_workspace(trt: ModuleType, config: Any, workspace_mb: int) -> None:
-    if hasattr(config, "set_memory_pool_limit") and hasattr(trt, "MemoryPoolType"):
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mb) << 20)
-    elif hasattr(config, "max_workspace_size"):  # TensorRT < 8.4
-        config.max_workspace_size = int(workspace_mb) << 20
-
-
-def _keep_normalization_fp32(trt: ModuleType, network: Any, config: Any) -> int:
-    """Pin LayerNorm (INormalizationLayer) to FP32 in an FP16/INT8 build; returns the number of layers pinned."""
-    norm_type = getattr(trt.LayerType, "NORMALIZATION", None)
-    if norm_type is None:
-        return 0
-    pinned = 0
-    for i in range(network.num_layers):
-        layer = network.get_layer(i)
-        if layer.type != norm_type:
-            continue
-        layer.precision = trt.float32
-        for j in range(layer.num_outputs):
-            layer.set_output_type(j, trt.float32)
-        if hasattr(layer, "compute_precision"):  # TensorRT >= 10: accumulation type of the normalisation
-            layer.compute_precision = trt.float32
-        pinned += 1
-    if pinned and hasattr(trt.BuilderFlag, "OBEY_PRECISION_CONSTRAINTS"):
-        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
-    return pinned
-
-
-def _make_calibrator(trt: ModuleType, network: Any, images: torch.Tensor, batch: int, cache_file: Path | None):
-    """Make an ``IInt8EntropyCalibrator2`` feeding ``images`` (N,3,H,W) to ``image`` (scene_override = -1)."""
-    if not torch.cuda.is_available():
-        raise BackendError("INT8 calibration needs a CUDA device")
-    inputs = {network.get_input(i).name: network.get_input(i) for i in range(network.num_inputs)}
-    if "image" not in inputs:
-        raise BackendError("INT8 calibration applies to the apr/encoder graphs (input 'image') only")
-    dev = torch.device("cuda")
-    images = images.detach().to(dev, torch.float32).contiguous()
-    int32 = inputs.get("scene_override") is not None and inputs["scene_override"].dtype == trt.int32
-    scene = torch.full((batch,), -1, dtype=torch.int32 if int32 else torch.int64, device=dev)
-
-    class _Calibrator(trt.IInt8EntropyCalibrator2):
-        def __init__(self) -> None:
-            trt.IInt8EntropyCalibrator2.__init__(self)
-            self.index = 0
-            self.buffer = torch.empty((batch, *images.shape[1:]), dtype=torch.float32, device=dev)
-
-        def get_batch_size(self) -> int:
-            return batch
-
-        def get_batch(self, names: list[str]) -> list[int] | None:
-            if self.index + batch > images.shape[0]:
-                return None
-            self.buffer.copy_(images[self.index : self.index + batch])
-            self.index += batch
-            torch.cuda.synchronize(dev)
-            return [int(self.buffer.data_ptr() if n == "image" else scene.data_ptr()) for n in names]
-
-        def read_calibration_cache(self) -> bytes | None:
-            return cache_file.read_bytes() if cache_file is not None and cache_file.is_file() else None
-
-        def write_calibration_cache(self, cache: Any) -> None:
-            if cache_file is not None:
-                cache_file.write_bytes(bytes(cache))
-
-    if images.shape[0] < batch:
-        raise BackendError(f"INT8 calibration needs at least {batch} images, got {images.shape[0]}")
-    return _Calibrator()
-
-
-def build_tensorrt_engine_bytes(
-    onnx_path: str | Path,
-    precision: str = "fp16",
-    calibration: torch.Tensor | None = None,
-    workspace_mb: int = 1024,
-    module: ModuleType | None = None,
-    keep_layernorm_fp32: bool = True,
-    calibration_cache: Path | None = None,
-) -> bytes:
-    """Parse ``onnx_path`` and build a serialized TensorRT engine; see :func:`build_tensorrt_engine`."""
-    trt = module or import_tensorrt()
-    rtx = is_rtx(trt)
-    onnx_path = Path(onnx_path)
-    if precision not in ("fp32", "fp16", "int8"):
-        raise BackendError(f"TensorRT precision '{precision}' is not one of fp32, fp16, int8")
-    if precision == "int8" and rtx:
-        raise BackendError("INT8 engines need the full TensorRT (tensorrt_rtx has no implicit INT8 calibration)")
-    if precision == "int8" and calibration is None:
-        raise BackendError("an INT8 TensorRT engine needs calibration images (BackendOptions.calibration_images)")
-    if not onnx_path.is_file():
-        raise BackendError(f"{onnx_path}: no such ONNX file")
-    with contextlib.ExitStack() as stack:
-        if rtx and precision == "fp16":  # strongly typed: the graph itself must be fp16
-            tmpdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="apr_fp16_")))
-            onnx_path = convert_onnx_fp16(onnx_path, tmpdir / onnx_path.name, keep_layernorm_fp32)
-        logger = trt.Logger(trt.Logger.WARNING)
-        builder = trt.Builder(logger)
-        flags = 0
-        if not rtx and trt_major(trt) < 10 and hasattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH"):
-            flags = 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
-        network = builder.create_network(flags)
-        parser = trt.OnnxParser(network, logger)
-        if not parser.parse_from_file(str(onnx_path)):
-            errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
-            raise BackendError(f"{onnx_path.name}: the TensorRT ONNX parser rejected the graph: {'; '.join(errors)}")
-        config = builder.create_builder_config()
-        _set_workspace(trt, config, workspace_mb)
-        if precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
-            config.clear_flag(trt.BuilderFlag.TF32)  # fp32 means fp32 (TF32 is on by default on Ampere+)
-        if not rtx and precision in ("fp16", "int8"):
-            config.set_flag(trt.BuilderFlag.FP16)
-            if keep_layernorm_fp32:
-                _keep_normalization_fp32(trt, network, config)
-        if precision == "int8":
-            config.set_flag(trt.BuilderFlag.INT8)
-            config.int8_calibrator = _make_calibrator(trt, network, calibration, _batch_of(network), calibration_cache)
-        serialized = builder.build_serialized_network(network, config)
-        if serialized is None:
-            raise BackendError(f"{onnx_path.name}: TensorRT could not build an engine (see the TensorRT log above)")
-        return bytes(serialized)
-
-
-def _batch_of(network: Any) -> int:
-    shape = tuple(network.get_input(0).shape)
-    return int(shape[0]) if shape and int(shape[0]) > 0 else 1
-
-
-def build_tensorrt_engine(
-    onnx_path: str | Path,
-    engine_path: str | Path,
-    precision: str = "fp16",
-    calibration: torch.Tensor | None = None,
-    workspace_mb: int = 1024,
-    module: ModuleType | None = None,
-    keep_layernorm_fp32: bool = True,
-) -> Path:
-    """Build a TensorRT engine from an exported graph and write it (atomically) to ``engine_path``.
-
-    ``module`` is the TensorRT Python module to use (default: ``tensorrt``, else ``tensorrt_rtx``). fp32 clears the
-    TF32 flag. With real TensorRT, fp16 sets the FP16 builder flag and pins LayerNorm to FP32 (``keep_layernorm_fp32``,
-    NVIDIA/TensorRT#3657); int8 adds the INT8 flag with an entropy calibrator over ``calibration`` (N,3,H,W
-    normalised images; needs a CUDA device). TensorRT-RTX is strongly typed: fp16 converts the ONNX graph to fp16
-    first, int8 is refused; it builds ahead of time without a GPU (the engine then runs only on RTX-class GPUs).
-    Raises :class:`BackendError`.
-    """
-    engine_path = Path(engine_path)
-    data = build_tensorrt_engine_bytes(
-        onnx_path,
-        precision,
-        calibration,
-        workspace_mb,
-        module,
-        keep_layernorm_fp32,
-        calibration_cache=engine_path.with_suffix(".calib") if precision == "int8" else None,
-    )
-    engine_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = engine_path.with_name(f".{engine_path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, engine_path)
-    return engine_path
-

@@ -12,9 +12,10 @@ Writes into ``--out`` (``DIR``):
   the runtime's export cache (:func:`apr_localizer.backends.engine_cache.cached_onnx_export`), so a node started with
   ``cache_dir: DIR`` and the same model runs them without exporting again (with the default exporter settings; other
   ``--exporter``/``--opset`` values are for other runtimes, the node exports its own defaults).
-* ``tensorrt/<graph>.<precision>.engine`` (``--tensorrt``): engines built with :func:`apr_localizer.export.
-  build_tensorrt_engine` (``tensorrt``, else ``tensorrt_rtx``, which builds ahead of time without a GPU). On a machine
-  with a CUDA GPU and TensorRT, the node's own engine cache ``DIR/engines/`` is filled as well (prebuilt for this GPU).
+* ``tensorrt/<graph>.<precision>.engine`` (``--tensorrt``): each engine built ONCE (:func:`build_engines`). On a
+  machine with a CUDA GPU and TensorRT (run apr-export on the target device: engines do not move between TensorRT
+  versions or GPUs) the TensorRT backend builds them into the node's engine cache ``DIR/engines/`` and they are
+  linked here; without a GPU only ``tensorrt_rtx`` can build (ahead of time).
 * ``export.json`` (every path, parity verdict, node parameters) and ``README.md`` (which files the node uses).
 
 Exit status: 0 when every parity case passes, 1 when parity or the TensorRT build fails, 2 on bad input.
@@ -27,6 +28,7 @@ import datetime as _dt
 import json
 import logging
 import os
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,10 +40,11 @@ import torch
 from apr_localizer import __version__
 from apr_localizer.backends.base import BackendError, BackendOptions
 from apr_localizer.checkpoints import CheckpointError, ModelBundle, load_bundle, load_model, save_model
+from apr_localizer.fileio import atomic_path, atomic_write_text
 
 from .evaluation.metrics import render_table
 
-__all__ = ["build_parser", "format_parity", "load_calibration_images", "main"]
+__all__ = ["build_engines", "build_parser", "format_parity", "load_calibration_images", "main"]
 
 log = logging.getLogger(__name__)
 
@@ -140,9 +143,8 @@ def format_parity(report: dict[str, Any]) -> str:
 
 
 def _save_bundle(bundle: ModelBundle, path: Path, provenance: dict[str, Any]) -> Path:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_model(
-        tmp,
+    save_model(  # atomic (apr_localizer.fileio)
+        path,
         bundle.apr,
         bundle.iapr,
         bundle.pae,
@@ -150,50 +152,73 @@ def _save_bundle(bundle: ModelBundle, path: Path, provenance: dict[str, Any]) ->
         preprocess=dict(bundle.preprocess),
         provenance=provenance,
     )
-    os.replace(tmp, path)
     return path
 
 
-def _build_engines(
-    export, out: Path, precision: str, calibration: torch.Tensor | None, workspace_mb: int
-) -> dict[str, dict[str, Any]]:
-    """Standalone engines ``out/tensorrt/<graph>.<precision>.engine`` (INT8 applies to image graphs only)."""
-    from apr_localizer.export import build_tensorrt_engine, file_sha256, import_tensorrt, is_rtx
+def _engine_record(out: Path, path: Path, onnx_path: Path, prec: str, trt: Any) -> dict[str, Any]:
+    from apr_localizer.backends.tensorrt_build import is_rtx
+    from apr_localizer.export import file_sha256
 
-    trt = import_tensorrt()
+    return {
+        "file": str(path.relative_to(out)),
+        "precision": prec,
+        "bytes": path.stat().st_size,
+        "sha256": file_sha256(path),
+        "onnx_sha256": file_sha256(onnx_path),
+        "tensorrt_module": trt.__name__,
+        "tensorrt_version": str(getattr(trt, "__version__", "?")),
+        "ahead_of_time": bool(is_rtx(trt) and not torch.cuda.is_available()),
+    }
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Make ``dst`` a hard link to ``src`` (same bytes, no extra space), or an atomic copy across filesystems."""
+    with atomic_path(dst) as tmp:
+        tmp.unlink()
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+
+
+def build_engines(
+    bundle: ModelBundle, export: Any, out: Path, precision: str, calibration: torch.Tensor | None, trt: Any = None
+) -> tuple[dict[str, dict[str, Any]], str | None]:
+    """Build every graph's TensorRT engine ONCE; returns (engine records, node engine cache dir or ``None``).
+
+    With a CUDA GPU the engines are built by the TensorRT backend into the node's engine cache ``out/engines`` (for
+    this GPU and TensorRT: run apr-export on the target device) and linked to ``out/tensorrt/<graph>.<precision>
+    .engine``. Without a GPU only TensorRT-RTX can build (ahead of time, straight to ``out/tensorrt``). The
+    refinement graph is always fp32.
+    """
+    from apr_localizer.backends.tensorrt_backend import prebuild_engines
+    from apr_localizer.backends.tensorrt_build import build_tensorrt_engine, import_tensorrt, is_rtx
+
+    trt = trt or import_tensorrt()
+    node_cache = None
+    if torch.cuda.is_available():
+        opts = BackendOptions(device="cuda", precision=precision, cache_dir=out, calibration_images=calibration)
+        built = prebuild_engines(bundle, opts, trt, export)
+        node_cache = str(out / "engines")
+    elif is_rtx(trt):
+        built = {}
+        for graph, onnx_path in export.files.items():
+            prec = "fp32" if graph == "refine" else precision
+            log.info("building TensorRT %s engine of %s ahead of time ...", prec, onnx_path.name)
+            dst = out / "tensorrt" / f"{graph}.{prec}.engine"
+            built[graph] = build_tensorrt_engine(onnx_path, dst, prec, module=trt)
+    else:
+        raise BackendError(
+            f"{trt.__name__} builds engines on a CUDA GPU only and torch sees none; run apr-export on the target device"
+        )
     engines: dict[str, dict[str, Any]] = {}
-    for graph, onnx_path in export.files.items():
-        # The refinement graph runs in fp32 everywhere (as the tensorrt backend builds it): it is tiny, and its
-        # composed quaternion feeds the next iteration.
+    for graph, path in built.items():
         prec = "fp32" if graph == "refine" else precision
-        calib = calibration if prec == "int8" else None
-        path = out / "tensorrt" / f"{graph}.{prec}.engine"
-        log.info("building TensorRT %s engine of %s ...", prec, onnx_path.name)
-        build_tensorrt_engine(onnx_path, path, prec, calib, workspace_mb, module=trt)
-        engines[graph] = {
-            "file": str(path.relative_to(out)),
-            "precision": prec,
-            "bytes": path.stat().st_size,
-            "sha256": file_sha256(path),
-            "onnx_sha256": file_sha256(onnx_path),
-            "tensorrt_module": trt.__name__,
-            "tensorrt_version": str(getattr(trt, "__version__", "?")),
-            "ahead_of_time": bool(is_rtx(trt) and not torch.cuda.is_available()),
-        }
-    return engines
-
-
-def _prebuild_node_cache(bundle: ModelBundle, out: Path, precision: str, calibration: torch.Tensor | None) -> str:
-    """Fill the node's engine cache ``out/engines`` through the TensorRT backend itself (needs a CUDA GPU)."""
-    from apr_localizer.backends.base import create_backend
-
-    opts = BackendOptions(device="cuda", precision=precision, cache_dir=out, calibration_images=calibration)
-    backend = create_backend(bundle, "tensorrt", opts)
-    try:
-        backend.warmup(1)
-    finally:
-        backend.close()
-    return str(out / "engines")
+        dst = out / "tensorrt" / f"{graph}.{prec}.engine"
+        if path != dst:
+            _link_or_copy(path, dst)
+        engines[graph] = _engine_record(out, dst, export.files[graph], prec, trt)
+    return engines, node_cache
 
 
 def _readme(info: dict[str, Any]) -> str:
@@ -327,20 +352,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     if args.tensorrt:
         try:
-            info["tensorrt"] = _build_engines(export, out, args.precision, calibration, args.workspace_mb)
+            info["tensorrt"], info["node_engine_cache"] = build_engines(
+                bundle, export, out, args.precision, calibration
+            )
             for graph, e in info["tensorrt"].items():
                 print(f"TensorRT {e['precision']} engine of {graph}: {e['file']} ({e['bytes'] / 1e6:.1f} MB)")
+            if info["node_engine_cache"]:
+                print(f"TensorRT engines for this GPU cached in {info['node_engine_cache']}")
         except (BackendError, ExportError) as e:
             print(f"apr-export: error: TensorRT build failed: {e}", file=sys.stderr)
             status = 1
-        if torch.cuda.is_available() and status == 0:
-            try:
-                info["node_engine_cache"] = _prebuild_node_cache(bundle, out, args.precision, calibration)
-                print(f"TensorRT engines for this GPU cached in {info['node_engine_cache']}")
-            except (BackendError, RuntimeError) as e:  # the node then builds its engines on first start
-                log.warning("could not prebuild the node's TensorRT engine cache: %s", e)
-    (out / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-    (out / "README.md").write_text(_readme(info), encoding="utf-8")
+    atomic_write_text(out / EXPORT_INFO, json.dumps(info, indent=2) + "\n")
+    atomic_write_text(out / "README.md", _readme(info))
     print(f"apr-export: wrote {out / MODEL_NAME}, {info['onnx']['dir']}/ and {out / EXPORT_INFO} (see README.md)")
     return status
 

@@ -11,13 +11,10 @@ import pytest
 import torch
 from model_fixtures import random_iapr, random_images, random_ms_transformer
 
-from apr_localizer.backends.base import APR_INPUTS, APR_OUTPUTS, REFINE_INPUTS
-from apr_localizer.backends.onnxruntime_backend import make_session
+from apr_localizer.backends.ort_session import make_session
 from apr_localizer.checkpoints import ModelBundle, load_bundle
 from apr_localizer.export import (
     FORBIDDEN_OPS,
-    MANIFEST_NAME,
-    PARITY_NAME,
     ExportError,
     convert_onnx_fp16,
     export_onnx,
@@ -26,6 +23,7 @@ from apr_localizer.export import (
     parity_report,
     weights_sha256,
 )
+from apr_localizer.graphs import APR_INPUTS, APR_OUTPUTS, MANIFEST_NAME, PARITY_NAME, REFINE_INPUTS
 
 torch.set_num_threads(2)
 

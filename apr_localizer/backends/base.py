@@ -24,13 +24,10 @@ from pathlib import Path
 import torch
 
 from ..checkpoints import ModelBundle
+from ..graphs import APR_OUTPUTS
 
 __all__ = [
-    "APR_INPUTS",
-    "APR_OUTPUTS",
     "BACKENDS",
-    "REFINE_INPUTS",
-    "REFINE_OUTPUTS",
     "Backend",
     "BackendError",
     "BackendOptions",
@@ -42,10 +39,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-APR_INPUTS = ("image", "scene_override")
-APR_OUTPUTS = ("pose", "scene_log_probs", "scene", "latent_t", "latent_rot")
-REFINE_INPUTS = ("latent_t", "latent_rot", "pose", "scene")
-REFINE_OUTPUTS = ("refined_pose",)
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 
@@ -59,7 +52,8 @@ class BackendOptions:
     """Options every backend understands (unknown combinations raise :class:`BackendError`).
 
     ``cache_dir`` holds exported ONNX files and TensorRT engines (default: ``~/.cache/apr_localizer``).
-    ``calibration_images`` (N,3,H,W) normalised are used for INT8 TensorRT calibration.
+    ``calibration_images`` (N,3,H,W) normalised are used for INT8 TensorRT calibration. ``tf32`` allows TF32
+    tensor-core math for fp32 on CUDA (torch, TensorRT); off by default, so fp32 means fp32.
     """
 
     device: str = "cpu"
@@ -69,6 +63,7 @@ class BackendOptions:
     cache_dir: Path | None = None
     cuda_graphs: bool = False
     calibration_images: torch.Tensor | None = field(default=None, repr=False)
+    tf32: bool = False
 
 
 @dataclass
@@ -255,10 +250,15 @@ def _backend_class(name: str) -> type[Backend]:
     return getattr(importlib.import_module(module), cls)
 
 
-def _auto_candidates(device: str) -> list[tuple[str, str, str]]:
-    """(backend, device, reason) in preference order: TensorRT → ORT-CUDA → torch-CUDA → ORT-CPU → torch-CPU."""
+def _auto_candidates(device: str, precision: str = "fp32") -> list[tuple[str, str, str]]:
+    """(backend, device, reason) in preference order: TensorRT → ORT-CUDA → torch-CUDA → ORT-CPU → torch-CPU.
+
+    int8 on a GPU machine is TensorRT only: ONNX Runtime's CPU int8 must be asked for explicitly, never a fallback.
+    """
     cuda = torch.cuda.is_available() and device != "cpu"
     out = []
+    if cuda and precision == "int8":
+        return [("tensorrt", device if device.startswith("cuda") else "cuda", "int8 on a GPU needs TensorRT")]
     if cuda:
         gpu = device if device.startswith("cuda") else "cuda"
         out += [
@@ -286,16 +286,23 @@ def create_backend(bundle: ModelBundle, backend: str = "auto", options: BackendO
             raise BackendError(f"backend '{backend}' is not available here ({e})") from None
         return cls(bundle, options)
     errors = []
-    for name, device, reason in _auto_candidates(options.device):
+    for name, device, reason in _auto_candidates(options.device, options.precision):
         opts = BackendOptions(**{**options.__dict__, "device": device})
         try:
             be = _backend_class(name)(bundle, opts)
-        except (ImportError, BackendError, RuntimeError, OSError) as e:
-            errors.append(f"{name}/{device}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
-            log.info("backend auto: skipped %s on %s (%s)", name, device, errors[-1])
+        except Exception as e:  # any failure of one candidate (AttributeError from an API change too): try the next
+            first = str(e).splitlines()[0] if str(e) else ""
+            why = first if isinstance(e, BackendError) else f"{type(e).__name__}: {first}".rstrip(": ")
+            errors.append(f"{name}/{device}: {why}")
+            log.warning("backend auto: skipped %s on %s (%s)", name, device, errors[-1])
             continue
         log.info("backend auto: chose %s on %s because %s", name, device, reason)
         be.selection_reason = reason
         be.selection_skipped = errors
         return be
+    if options.precision == "int8" and len(errors) == 1 and errors[0].startswith("tensorrt/"):
+        raise BackendError(
+            f"precision int8 with backend auto on a GPU needs TensorRT INT8 ({errors[0]}); for ONNX Runtime's int8 on "
+            "the CPU ask for backend onnxruntime with device cpu"
+        )
     raise BackendError("no backend could be created: " + "; ".join(errors))

@@ -2,8 +2,11 @@
 
 * CPU: fp32, or int8 (ONNX Runtime dynamic quantisation of MatMul/Gemm in the APR/encoder graphs; the small
   refinement graph stays fp32). Tensors cross as zero-copy numpy views of CPU torch tensors.
-* CUDA (``onnxruntime-gpu`` only): fp32 or fp16 (graph converted with LayerNorm kept in fp32); inputs and outputs are
-  bound as torch CUDA tensors through IO binding. **This path has not been run here (no GPU)**.
+* CUDA (``onnxruntime-gpu`` instead of ``onnxruntime``, never both: ``pip install .[ort-gpu]`` after uninstalling
+  the CPU package, see docs/deployment.md): fp32 or fp16 (graph converted with LayerNorm kept in fp32). Inputs and
+  outputs are bound as torch CUDA tensors through IO binding; the session runs on the backend's own CUDA stream
+  (``user_compute_stream``), ordered after torch's current stream by a stream wait, and ONNX Runtime's end-of-run
+  stream synchronisation is the one host sync per call. **Not run here (no GPU, no onnxruntime-gpu)**.
 
 The session uses ``intra_op_num_threads = options.threads`` (0 = physical cores), one inter-op thread and every
 graph optimisation.
@@ -19,11 +22,13 @@ import numpy as np
 import torch
 
 from ..checkpoints import ModelBundle
+from ..export import ExportError, convert_onnx_fp16
 from .base import BackendError, BackendOptions, GraphBackend
 from .engine_cache import cached_derivative, cached_onnx_export
+from .ort_session import make_session
 from .torch_backend import physical_cores
 
-__all__ = ["OnnxRuntimeBackend", "make_session", "quantize_dynamic_int8"]
+__all__ = ["OnnxRuntimeBackend", "quantize_dynamic_int8"]
 
 log = logging.getLogger(__name__)
 
@@ -33,26 +38,6 @@ _DTYPES = {
     "tensor(int64)": (torch.int64, np.int64),
     "tensor(int32)": (torch.int32, np.int32),
 }
-
-
-def make_session(path: str | Path, threads: int = 0, providers: list | None = None) -> Any:
-    """Create an ``onnxruntime.InferenceSession`` for the apr_localizer graphs.
-
-    ``threads`` intra-op threads (0 = physical cores), 1 inter-op thread, sequential execution and every graph
-    optimisation; ``providers`` default to the CPU provider.
-    """
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = int(threads) or physical_cores()
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3  # errors only: a missing CUDA provider is reported by us
-    # No busy-waiting of the intra-op pool between runs: spinning threads steal the cores from preprocessing, the
-    # refinement loop and the ROS executor (measured: PIL preprocessing 6.5 ms → 54 ms right after a spinning run).
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), so, providers=providers or ["CPUExecutionProvider"])
 
 
 def quantize_dynamic_int8(src: Path, dst: Path) -> None:
@@ -68,10 +53,11 @@ def quantize_dynamic_int8(src: Path, dst: Path) -> None:
 class _OrtGraph:
     """One session with its fixed input/output signature; ``run(tensors by input name) -> {name: torch tensor}``."""
 
-    def __init__(self, session: Any, graph: str, device: torch.device) -> None:
+    def __init__(self, session: Any, graph: str, device: torch.device, stream: Any = None) -> None:
         self.session = session
         self.graph = graph
         self.device = device
+        self.stream = stream  # the torch CUDA stream the session computes on (user_compute_stream)
         self.inputs = [(i.name, tuple(i.shape), _dtype(i.type, graph, i.name)) for i in session.get_inputs()]
         self.outputs = [(o.name, tuple(o.shape), _dtype(o.type, graph, o.name)) for o in session.get_outputs()]
         for name, shape, _ in self.inputs + self.outputs:
@@ -99,7 +85,8 @@ class _OrtGraph:
         return {name: torch.from_numpy(v) for (name, _, _), v in zip(self.outputs, results)}
 
     def _run_cuda(self, args: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
-        # Not exercised here (no GPU): binds torch CUDA memory directly, synchronising torch's stream first.
+        # Not exercised here (no GPU): binds torch CUDA memory directly. The session computes on self.stream, which
+        # first waits (on the device, no host sync) for torch's current stream to finish producing the inputs.
         index = self.device.index if self.device.index is not None else torch.cuda.current_device()
         binding = self.session.io_binding()
         keep = []
@@ -113,10 +100,8 @@ class _OrtGraph:
             out = torch.empty(shape, dtype=tdtype, device=self.device)
             binding.bind_output(name, "cuda", index, ndtype, list(shape), out.data_ptr())
             outs[name] = out
-        torch.cuda.current_stream(self.device).synchronize()
-        binding.synchronize_inputs()
-        self.session.run_with_iobinding(binding)
-        binding.synchronize_outputs()
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        self.session.run_with_iobinding(binding)  # ends with ONNX Runtime's stream sync: the one sync per call
         return outs
 
 
@@ -155,12 +140,14 @@ class OnnxRuntimeBackend(GraphBackend):
             index = dev.index if dev.index is not None else torch.cuda.current_device()
             dev = torch.device("cuda", index)
             self.device = str(dev)
-            providers: list = [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
+            # A dedicated stream: ONNX Runtime treats handle 0 (torch's default stream) as "no user stream".
+            self.stream = torch.cuda.Stream(dev)
+            cuda_opts = {"device_id": index, "user_compute_stream": str(self.stream.cuda_stream)}
+            providers: list = [("CUDAExecutionProvider", cuda_opts), "CPUExecutionProvider"]
         else:
             providers = ["CPUExecutionProvider"]
+            self.stream = None
         self.threads = options.threads or physical_cores()
-        from ..export import ExportError, convert_onnx_fp16
-
         try:
             self.export = cached_onnx_export(bundle, options.cache_dir, batch_size=options.batch_size)
         except ExportError as e:
@@ -181,7 +168,7 @@ class OnnxRuntimeBackend(GraphBackend):
                     "ONNX Runtime could not initialise its CUDA provider (missing CUDA/cuDNN libraries?); "
                     "it fell back to the CPU"
                 )
-            self.graphs[graph] = _OrtGraph(session, graph, dev)
+            self.graphs[graph] = _OrtGraph(session, graph, dev, self.stream)
         self.providers = self.graphs["apr"].session.get_providers()
         log.info(
             "onnxruntime backend: %s, %s, %d threads, %s export (opset %d)%s",
@@ -204,4 +191,3 @@ class OnnxRuntimeBackend(GraphBackend):
 
     def close(self) -> None:
         self.graphs.clear()
-

@@ -2,25 +2,26 @@
 
 Needs a CUDA device and the ``tensorrt`` Python module (JetPack's ``python3-libnvinfer`` on Jetson, NVIDIA's wheels
 on a desktop) or ``tensorrt_rtx`` (RTX-class GPUs only); without them construction raises :class:`BackendError`
-and ``auto`` falls through to ONNX Runtime.
+and ``auto`` falls through to the next candidate.
 
 * Engines: one per graph, keyed by ONNX sha256 + TensorRT flavour/version + GPU name + compute capability +
-  precision + builder flags (:mod:`.engine_cache`); built on a miss, rebuilt when the cached file is damaged or does
-  not deserialize. The first build on a Jetson takes minutes: prebuild with ``apr-export --tensorrt``.
-* Precision: fp32, fp16 (FP16 flag, LayerNorm pinned to FP32; TensorRT-RTX converts the graph to fp16 instead) or
-  int8 (entropy calibration over ``BackendOptions.calibration_images``; full TensorRT only). The refinement graph is
-  always built in fp32: it is tiny and composes poses, where fp16 rounding would show.
-* Execution: the TensorRT >= 8.5 tensor API (``set_tensor_address`` + ``execute_async_v3``) on torch's current CUDA
-  stream, inputs and outputs as torch CUDA tensors (no host copies). INT64 graph inputs/outputs that TensorRT 8.x
-  imports as INT32 are cast at the boundary.
+  precision + build path (:mod:`.engine_cache`); built on a miss (:mod:`.tensorrt_build`, which picks the build
+  path from the module's capabilities), rebuilt when the cached file is damaged or does not deserialize. The first
+  build on a Jetson takes minutes: prebuild with ``apr-export --tensorrt`` on the target.
+* Precision: fp32 (no TF32 unless ``BackendOptions.tf32``), fp16 (weakly typed with LayerNorm pinned to FP32 on
+  8.6-10.x; strongly typed fp16 graph on 11.x / RTX) or int8 (calibration, 8.6-10.x only). The refinement graph is
+  always fp32: it is tiny and composes poses, where fp16 rounding would show.
+* Execution: the tensor API (``set_tensor_address`` + ``execute_async_v3``) on the backend's own CUDA stream, ordered
+  after torch's current stream and before it again by stream waits (no host synchronisation); every address is
+  checked (TensorRT returns ``False`` for a bad one) and 256-byte aligned. INT64 graph I/O that TensorRT 8.x imports
+  as INT32 is cast at the boundary.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -28,15 +29,34 @@ from typing import Any
 import torch
 
 from ..checkpoints import ModelBundle
+from ..graphs import graph_io
 from .base import BackendError, BackendOptions, GraphBackend
 from .engine_cache import EngineCache, EngineKey, cached_onnx_export
+from .tensorrt_build import (
+    BUILDER_REVISION,
+    DEFAULT_WORKSPACE_MB,
+    TrtCapabilities,
+    build_engine_bytes,
+    calibration_sha256,
+    choose_plan,
+    import_tensorrt,
+    is_rtx,
+    timing_cache_path,
+)
 
-__all__ = ["DEFAULT_WORKSPACE_MB", "CudaDevice", "TensorRTBackend", "cuda_device", "prebuild_engines", "rtx_supports"]
+__all__ = [
+    "ALIGNMENT",
+    "CudaDevice",
+    "TensorRTBackend",
+    "cuda_device",
+    "engine_key",
+    "prebuild_engines",
+    "rtx_supports",
+]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_WORKSPACE_MB = 1024
-BUILDER_REVISION = 1  # bump when build_tensorrt_engine_bytes changes what it builds
+ALIGNMENT = 256  # bytes; TensorRT requires I/O addresses aligned to 256 bytes
 _DTYPES = {
     "FLOAT": torch.float32,
     "HALF": torch.float16,
@@ -51,19 +71,27 @@ _DTYPES = {
 
 @dataclass
 class CudaDevice:
-    """The CUDA device the engines run on; owns the stream handle given to TensorRT."""
+    """The CUDA device the engines run on, with the backend's own stream (never torch's default stream)."""
 
     device: torch.device
     name: str
     capability: tuple[int, int]
+    stream: Any = field(default=None, repr=False)
 
     @property
     def capability_str(self) -> str:
         return f"{self.capability[0]}.{self.capability[1]}"
 
-    def stream_handle(self) -> int:
-        """Raw ``cudaStream_t`` of torch's current stream on this device (outputs stay stream-ordered)."""
-        return torch.cuda.current_stream(self.device).cuda_stream
+    def begin(self) -> int:
+        """Order the backend's stream after torch's current stream (inputs are ready); return its handle."""
+        if self.stream is None:
+            self.stream = torch.cuda.Stream(self.device)
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        return int(self.stream.cuda_stream)
+
+    def end(self) -> None:
+        """Order torch's current stream after the backend's stream (outputs are ready for whoever reads them)."""
+        torch.cuda.current_stream(self.device).wait_stream(self.stream)
 
     def activate(self) -> contextlib.AbstractContextManager:
         """Context making this device current (TensorRT uses the current CUDA device)."""
@@ -84,8 +112,12 @@ def cuda_device(device: str) -> CudaDevice:
 
 
 def rtx_supports(capability: tuple[int, int]) -> bool:
-    """TensorRT-RTX engines run on compute capability 8.0, 8.6, 8.9 and >= 12.0 (inference_notes.md §5)."""
-    return tuple(capability) in ((8, 0), (8, 6), (8, 9)) or capability[0] >= 12
+    """TensorRT-RTX runs on compute capability 7.5 (Turing), 8.6 (Ampere RTX), 8.9 (Ada) and 12.x (Blackwell RTX).
+
+    Not on data-centre or embedded parts: 8.0 (A100), 8.7 (Orin), 9.0 (H100), 10.x (B200), per the TensorRT-RTX
+    support matrix (1.0-1.5).
+    """
+    return tuple(capability) in ((7, 5), (8, 6), (8, 9)) or capability[0] == 12
 
 
 def _torch_dtype(trt_dtype: Any, graph: str, name: str) -> torch.dtype:
@@ -95,12 +127,21 @@ def _torch_dtype(trt_dtype: Any, graph: str, name: str) -> torch.dtype:
     return _DTYPES[key]
 
 
+def aligned_empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Return an uninitialised tensor whose storage starts on a :data:`ALIGNMENT`-byte boundary."""
+    t = torch.empty(shape, dtype=dtype, device=device)
+    if t.data_ptr() % ALIGNMENT == 0:
+        return t
+    nbytes = t.numel() * t.element_size()
+    raw = torch.empty(nbytes + ALIGNMENT, dtype=torch.uint8, device=device)
+    offset = (-raw.data_ptr()) % ALIGNMENT
+    return raw[offset : offset + nbytes].view(dtype).view(shape)
+
+
 class _TrtGraph:
     """One engine + execution context with its fixed I/O signature."""
 
     def __init__(self, trt: ModuleType, engine: Any, graph: str, cuda: CudaDevice) -> None:
-        from ..export import graph_io
-
         self.engine = engine
         self.graph = graph
         self.cuda = cuda
@@ -125,28 +166,40 @@ class _TrtGraph:
             )
         self._keep: list[torch.Tensor] = []
 
+    def _bind(self, name: str, t: torch.Tensor) -> None:
+        ptr = t.data_ptr()
+        if ptr % ALIGNMENT:
+            raise BackendError(f"{self.graph} engine: tensor '{name}' address {ptr:#x} is not {ALIGNMENT}-byte aligned")
+        if self.context.set_tensor_address(name, ptr) is False:  # TensorRT >= 10 reports a rejected address
+            raise BackendError(f"{self.graph} engine: TensorRT rejected the address of tensor '{name}'")
+
+    def _input(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, t: torch.Tensor) -> torch.Tensor:
+        if tuple(t.shape) != shape:
+            raise BackendError(
+                f"{self.graph} engine input '{name}' has shape {tuple(t.shape)}, expected {shape} "
+                "(the batch size is fixed at export: BackendOptions.batch_size)"
+            )
+        t = t.detach().to(device=self.cuda.device, dtype=dtype).contiguous()
+        if t.data_ptr() % ALIGNMENT:  # a view into a larger tensor: copy into an aligned buffer
+            t = aligned_empty(shape, dtype, self.cuda.device).copy_(t)
+        return t
+
     def run(self, **feeds: torch.Tensor) -> dict[str, torch.Tensor]:
-        device = self.cuda.device
         keep = []
         for name, shape, dtype in self.inputs:
-            t = feeds[name]
-            if tuple(t.shape) != shape:
-                raise BackendError(
-                    f"{self.graph} engine input '{name}' has shape {tuple(t.shape)}, expected {shape} "
-                    "(the batch size is fixed at export: BackendOptions.batch_size)"
-                )
-            t = t.detach().to(device=device, dtype=dtype).contiguous()
-            self.context.set_tensor_address(name, t.data_ptr())
+            t = self._input(name, shape, dtype, feeds[name])
+            self._bind(name, t)
             keep.append(t)
         outs = {}
         for name, shape, dtype in self.outputs:
-            outs[name] = torch.empty(shape, dtype=dtype, device=device)
-            self.context.set_tensor_address(name, outs[name].data_ptr())
+            outs[name] = aligned_empty(shape, dtype, self.cuda.device)
+            self._bind(name, outs[name])
         with self.cuda.activate():
-            ok = self.context.execute_async_v3(self.cuda.stream_handle())
+            ok = self.context.execute_async_v3(self.cuda.begin())
+            self.cuda.end()
         if not ok:
             raise BackendError(f"{self.graph} engine: TensorRT execution failed (see the TensorRT log)")
-        self._keep = keep  # inputs stay referenced until the next call (stream-ordered reuse is safe anyway)
+        self._keep = keep  # allocated on torch's stream, which waits for ours: reuse after this call is ordered
         return {k: _interface_dtype(v) for k, v in outs.items()}
 
 
@@ -158,27 +211,47 @@ def _interface_dtype(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def engine_key(
+    onnx_sha256: str, caps: TrtCapabilities, cuda: CudaDevice, precision: str, calib_sha: str = "", tf32: bool = False
+) -> EngineKey:
+    """Return the engine cache key of one graph built with ``caps`` for ``cuda`` (backend and apr-export)."""
+    return EngineKey.create(
+        onnx_sha256=onnx_sha256,
+        trt_module=caps.module,
+        trt_version=caps.version,
+        gpu_name=cuda.name,
+        compute_capability=cuda.capability_str,
+        precision=precision,
+        plan=choose_plan(caps, precision),
+        workspace_mb=DEFAULT_WORKSPACE_MB,
+        keep_layernorm_fp32=True,
+        tf32=bool(tf32),
+        calibration_sha256=calib_sha if precision == "int8" else "",
+        builder_revision=BUILDER_REVISION,
+    )
+
+
 class TensorRTBackend(GraphBackend):
-    """TensorRT engines (fp32 / fp16 / int8) on one CUDA device; ``module`` overrides the TensorRT module used."""
+    """TensorRT engines (fp32 / fp16 / int8) on one CUDA device.
+
+    ``module`` overrides the TensorRT module used; ``export`` (an :class:`~apr_localizer.export.ExportResult` of this
+    bundle) overrides the ONNX export cache, e.g. apr-export's graphs with non-default exporter settings.
+    """
 
     name = "tensorrt"
 
-    def __init__(self, bundle: ModelBundle, options: BackendOptions, module: ModuleType | None = None) -> None:
+    def __init__(
+        self, bundle: ModelBundle, options: BackendOptions, module: ModuleType | None = None, export: Any = None
+    ) -> None:
         super().__init__(bundle, options)
-        from ..export import ExportError, build_tensorrt_engine_bytes, import_tensorrt, is_rtx
+        from ..export import ExportError
 
         trt = module or import_tensorrt()
         self.trt = trt
+        self.caps = TrtCapabilities.of(trt)
         self.rtx = is_rtx(trt)
-        precision = options.precision
-        if options.cuda_graphs:
-            raise BackendError("cuda_graphs is supported by the torch backend only, not by tensorrt")
-        if precision == "bf16":
-            raise BackendError("precision bf16 is not supported by the tensorrt backend; use fp16")
-        if precision == "int8" and self.rtx:
-            raise BackendError("precision int8 needs the full TensorRT; tensorrt_rtx builds fp32 or fp16 only")
-        if precision == "int8" and options.calibration_images is None:
-            raise BackendError("precision int8 needs BackendOptions.calibration_images (N,3,H,W normalised images)")
+        self._check_options(options)
+        self.plan = choose_plan(self.caps, options.precision)  # one sentence when this TensorRT cannot build it
         self.cuda = cuda_device(self.device)
         self.device = str(self.cuda.device)
         if self.rtx and not rtx_supports(self.cuda.capability):
@@ -186,57 +259,64 @@ class TensorRTBackend(GraphBackend):
                 f"tensorrt_rtx engines do not run on {self.cuda.name} (compute capability {self.cuda.capability_str})"
             )
         try:
-            self.export = cached_onnx_export(bundle, options.cache_dir, batch_size=options.batch_size)
+            self.export = export or cached_onnx_export(
+                bundle, options.cache_dir, opset=self.caps.onnx_opset, batch_size=options.batch_size
+            )
         except ExportError as e:
             raise BackendError(str(e)) from None
         self.cache = EngineCache(options.cache_dir)
-        calib = options.calibration_images if precision == "int8" else None
-        calib_sha = ""
-        if calib is not None:
-            calib_sha = hashlib.sha256(calib.detach().to("cpu", torch.float32).contiguous().numpy()).hexdigest()
         self.graphs: dict[str, _TrtGraph] = {}
         self.engine_paths: dict[str, Path] = {}
         with self.cuda.activate():
             self.logger = trt.Logger(trt.Logger.WARNING)
             self.runtime = trt.Runtime(self.logger)
-            for graph, path in self.export.files.items():
-                prec = "fp32" if graph == "refine" else precision
-                key = EngineKey.create(
-                    onnx_sha256=self.export.manifest["graphs"][graph]["sha256"],
-                    trt_module=trt.__name__,
-                    trt_version=trt.__version__,
-                    gpu_name=self.cuda.name,
-                    compute_capability=self.cuda.capability_str,
-                    precision=prec,
-                    workspace_mb=DEFAULT_WORKSPACE_MB,
-                    keep_layernorm_fp32=True,
-                    calibration_sha256=calib_sha if prec == "int8" else "",
-                    builder_revision=BUILDER_REVISION,
-                )
-
-                def build(path=path, prec=prec) -> bytes:
-                    log.info("building the TensorRT %s engine for %s (%s); this can take minutes", prec, path.name,
-                             self.cuda.name)
-                    return build_tensorrt_engine_bytes(path, prec, calib, DEFAULT_WORKSPACE_MB, trt)
-
-                engine = self.cache.get_or_build(
-                    key, build, self.runtime.deserialize_cuda_engine, info={"graph": graph, "onnx": str(path)}
-                )
+            for graph in self.export.files:
+                engine, self.engine_paths[graph] = self._engine(graph)
                 self.graphs[graph] = _TrtGraph(trt, engine, graph, self.cuda)
-                self.engine_paths[graph] = self.cache.paths(key)[0]
         log.info(
-            "tensorrt backend: %s %s on %s (sm %s), %s",
-            trt.__name__,
-            trt.__version__,
+            "tensorrt backend: %s on %s (sm %s), %s (%s)",
+            self.caps.label,
             self.cuda.name,
             self.cuda.capability_str,
-            precision,
+            options.precision,
+            self.plan,
         )
+
+    def _check_options(self, options: BackendOptions) -> None:
+        if options.cuda_graphs:
+            raise BackendError("cuda_graphs is supported by the torch backend only, not by tensorrt")
+        if options.precision == "bf16":
+            raise BackendError("precision bf16 is not supported by the tensorrt backend; use fp16")
+        if options.precision == "int8" and options.calibration_images is None:
+            raise BackendError("precision int8 needs BackendOptions.calibration_images (N,3,H,W normalised images)")
+
+    def _engine(self, graph: str) -> tuple[Any, Path]:
+        """Return the deserialized engine of ``graph`` from the cache, built (once, under the cache lock) on a miss."""
+        options = self.options
+        path = self.export.files[graph]
+        prec = "fp32" if graph == "refine" else options.precision
+        calib = options.calibration_images if prec == "int8" else None
+        tf32 = bool(getattr(options, "tf32", False))
+        key = engine_key(
+            self.export.manifest["graphs"][graph]["sha256"], self.caps, self.cuda, prec, calibration_sha256(calib), tf32
+        )
+        timing = timing_cache_path(self.cache.dir, self.caps, self.cuda.name, self.cuda.capability_str)
+
+        def build() -> bytes:
+            log.info(
+                "building the TensorRT %s engine for %s (%s); this can take minutes", prec, path.name, self.cuda.name
+            )
+            return build_engine_bytes(path, prec, module=self.trt, calibration=calib, tf32=tf32, timing_cache=timing)
+
+        info = {"graph": graph, "onnx": str(path)}
+        engine = self.cache.get_or_build(key, build, self.runtime.deserialize_cuda_engine, info=info)
+        return engine, self.cache.paths(key)[0]
 
     def describe(self) -> dict[str, str]:
         return {
             **super().describe(),
-            "tensorrt": f"{self.trt.__name__} {self.trt.__version__}",
+            "tensorrt": self.caps.label,
+            "build": self.plan,
             "gpu": f"{self.cuda.name} (sm {self.cuda.capability_str})",
             "onnx": f"{self.export.exporter} opset {self.export.opset}",
         }
@@ -245,12 +325,15 @@ class TensorRTBackend(GraphBackend):
         self.graphs.clear()
 
 
-def prebuild_engines(bundle: ModelBundle, options: BackendOptions) -> dict[str, Path]:
+def prebuild_engines(
+    bundle: ModelBundle, options: BackendOptions, module: ModuleType | None = None, export: Any = None
+) -> dict[str, Path]:
     """Build (or verify) the cached engines a :class:`TensorRTBackend` with ``options`` will use; graph → engine path.
 
-    For an ``apr-export --tensorrt`` style command on the target, so that the first node start is fast.
+    Each engine is built once, into the engine cache the node reads (``options.cache_dir``), on the target device;
+    ``export`` selects other ONNX graphs than the runtime's default export (see :class:`TensorRTBackend`).
     """
-    backend = TensorRTBackend(bundle, options)
+    backend = TensorRTBackend(bundle, options, module, export)
     try:
         return dict(backend.engine_paths)
     finally:

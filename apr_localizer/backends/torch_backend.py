@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
+from collections.abc import Iterator
 
 import torch
 
 from ..checkpoints import ModelBundle
+from ..graphs import APR_OUTPUTS
 from ..models.backbone import fold_batchnorm
-from .base import Backend, BackendError, BackendOptions
+from .base import Backend, BackendError, BackendOptions, Steps
 
 __all__ = ["TorchBackend", "physical_cores"]
 
@@ -28,7 +31,11 @@ def physical_cores() -> int:
 
 
 class _CudaGraph:
-    """A captured CUDA graph of ``fn`` with static input/output buffers (batch shape fixed at capture)."""
+    """A captured CUDA graph of ``fn`` with static input/output buffers (batch shape fixed at capture).
+
+    ``fn`` must not copy host values to the device (no ``torch.tensor``/``new_tensor`` of Python values inside); the
+    inference graphs are checked for that on the CPU (test_capture_safety.py).
+    """
 
     def __init__(self, fn, *example: torch.Tensor) -> None:
         self.inputs = [t.clone() for t in example]
@@ -49,8 +56,24 @@ class _CudaGraph:
         return self.outputs
 
 
+@contextlib.contextmanager
+def _tf32(allow: bool) -> Iterator[None]:
+    """Set torch's TF32 switches (cuBLAS matmul, cuDNN convolutions) for the block, then restore them."""
+    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allow
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
 class TorchBackend(Backend):
-    """Eager PyTorch; the reference and debugging path, and the CUDA fallback."""
+    """Eager PyTorch; the reference and debugging path, and the CUDA fallback.
+
+    On CUDA: fp32 runs without TF32 unless ``BackendOptions.tf32`` (torch's cuDNN default would use it), fp16/bf16
+    run under autocast, and ``cuda_graphs`` captures the whole :meth:`run_steps` loop (APR + encoder + N refinement
+    steps) as one CUDA graph per (batch shape, iterations).
+    """
 
     name = "torch"
 
@@ -61,9 +84,12 @@ class TorchBackend(Backend):
             raise BackendError("precision int8 needs the tensorrt backend (torch runs fp32, fp16 or bf16)")
         if dev.type == "cpu" and options.precision != "fp32":
             raise BackendError(f"precision {options.precision} needs a CUDA device with the torch backend")
+        if options.cuda_graphs and dev.type != "cuda":
+            raise BackendError("cuda_graphs needs a CUDA device")
         if dev.type == "cpu":
             torch.set_num_threads(options.threads or physical_cores())
         self.autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(options.precision)
+        self.allow_tf32 = bool(getattr(options, "tf32", False))
         # Inference copies with BatchNorm folded into the convolutions; a shared iAPR encoder stays shared.
         # channels_last: faster convolutions with oneDNN (CPU) and cuDNN (tensor cores).
         cl = torch.channels_last
@@ -72,22 +98,22 @@ class TorchBackend(Backend):
         if bundle.iapr is not None:
             self.iapr = copy.deepcopy(bundle.iapr, memo={id(bundle.apr): self.apr})
             fold_batchnorm(self.iapr).to(dev, memory_format=cl)
-        self._graphs: dict[str, _CudaGraph] = {}
+        self._graphs: dict[tuple, _CudaGraph] = {}
         self.use_cuda_graphs = bool(options.cuda_graphs and dev.type == "cuda")
-        if options.cuda_graphs and dev.type != "cuda":
-            raise BackendError("cuda_graphs needs a CUDA device")
 
-    def _ctx(self):
-        if self.autocast_dtype is None:
-            return torch.autocast("cpu", enabled=False)
-        return torch.autocast("cuda", dtype=self.autocast_dtype)
+    def _ctx(self) -> contextlib.ExitStack:
+        stack = contextlib.ExitStack()
+        if torch.device(self.device).type == "cuda":
+            stack.enter_context(_tf32(self.allow_tf32))
+            if self.autocast_dtype is not None:
+                stack.enter_context(torch.autocast("cuda", dtype=self.autocast_dtype))
+        return stack
 
-    # -- graph bodies (pure functions of tensors, capturable) ------------------------------------------------
+    # -- graph bodies (pure functions of device tensors, capturable) -----------------------------------------
     def _apr(self, image: torch.Tensor, scene_override: torch.Tensor) -> tuple[torch.Tensor, ...]:
         with self._ctx():
             out = self.apr(image, scene_override)
-        return tuple(out[k].float() if out[k].is_floating_point() else out[k] for k in
-                     ("pose", "scene_log_probs", "scene", "latent_t", "latent_rot"))
+        return tuple(out[k].float() if out[k].is_floating_point() else out[k] for k in APR_OUTPUTS)
 
     def _encoder(self, image: torch.Tensor, scene: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with self._ctx():
@@ -98,7 +124,20 @@ class TorchBackend(Backend):
         with self._ctx():
             return self.iapr.step(lt, lr, pose, scene).float()
 
-    def _call(self, key: str, fn, *args: torch.Tensor):
+    def _steps_body(self, image: torch.Tensor, scene_override: torch.Tensor, iterations: int) -> tuple:
+        """APR once, the encoder if the iAPR has its own, ``iterations`` steps: the body one CUDA graph captures.
+
+        Returns ``(pose_0, ..., pose_N, scene, scene_log_probs, latent_t, latent_rot)``.
+        """
+        pose, slp, scene, lt, lr = self._apr(image, scene_override)
+        if iterations > 0 and self.needs_encoder:
+            lt, lr = self._encoder(image, scene)
+        poses = [pose]
+        for _ in range(iterations):
+            poses.append(self._refine(lt, lr, poses[-1], scene))
+        return (*poses, scene, slp, lt, lr)
+
+    def _call(self, key: tuple, fn, *args: torch.Tensor):
         if not self.use_cuda_graphs:
             return fn(*args)
         g = self._graphs.get(key)
@@ -106,24 +145,49 @@ class TorchBackend(Backend):
             g = self._graphs[key] = _CudaGraph(fn, *args)
         return g(*args)
 
+    def _image(self, image: torch.Tensor) -> torch.Tensor:
+        return image.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+
     # -- interface -------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def run_apr(self, image: torch.Tensor, scene_override: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        image = image.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        image = self._image(image)
         if scene_override is None:
             scene_override = torch.full((image.shape[0],), -1, dtype=torch.int64, device=image.device)
-        out = self._call("apr", self._apr, image, scene_override.to(image.device))
-        return dict(zip(("pose", "scene_log_probs", "scene", "latent_t", "latent_rot"), out))
+        out = self._call(("apr",), self._apr, image, scene_override.to(image.device))
+        return dict(zip(APR_OUTPUTS, out))
 
     @torch.inference_mode()
     def run_encoder(self, image: torch.Tensor, scene: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.iapr is None:
             raise BackendError("this model has no iAPR refiner")
-        image = image.to(self.device).contiguous(memory_format=torch.channels_last)
-        return self._call("encoder", self._encoder, image, scene.to(self.device))
+        return self._call(("encoder",), self._encoder, self._image(image), scene.to(self.device))
 
     @torch.inference_mode()
     def run_refine(self, latent_t, latent_rot, pose, scene) -> torch.Tensor:
         if self.iapr is None:
             raise BackendError("this model has no iAPR refiner")
-        return self._call("refine", self._refine, latent_t, latent_rot, pose, scene)
+        return self._call(("refine",), self._refine, latent_t, latent_rot, pose, scene)
+
+    @torch.inference_mode()
+    def run_steps(
+        self,
+        image: torch.Tensor,
+        iterations: int,
+        *,
+        scene_override: torch.Tensor | None = None,
+        timed: bool = False,
+    ) -> Steps:
+        """:meth:`Backend.run_steps`; with ``cuda_graphs`` (and not ``timed``) the whole loop is ONE graph replay.
+
+        The outputs are copied out of the graph's static buffers, so they stay valid after the next call.
+        """
+        n = int(iterations)
+        if not self.use_cuda_graphs or timed or n < 0 or (n > 0 and not self.has_refiner):
+            return super().run_steps(image, n, scene_override=scene_override, timed=timed)
+        image = self._image(image)
+        if scene_override is None:
+            scene_override = torch.full((image.shape[0],), -1, dtype=torch.int64, device=image.device)
+        out = self._call(("steps", n), lambda x, s: self._steps_body(x, s, n), image, scene_override.to(image.device))
+        out = [t.clone() for t in out]
+        return Steps(out[: n + 1], out[n + 1], out[n + 2], out[n + 3], out[n + 4])

@@ -20,6 +20,9 @@ setup(
         ("share/" + package_name + "/rviz", glob("rviz/*.rviz")),
     ],
     install_requires=["setuptools"],
+    # ONNX Runtime's CUDA build provides the same `onnxruntime` module as the pinned CPU package: uninstall
+    # onnxruntime first, never have both (docs/deployment.md).
+    extras_require={"ort-gpu": ["onnxruntime-gpu==1.31.1"]},
     python_requires=">=3.10",
     zip_safe=False,
     maintainer="apr_localizer developers",

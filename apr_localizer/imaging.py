@@ -452,10 +452,11 @@ def decode_compressed(
     """Decode a ``sensor_msgs/CompressedImage`` (JPEG or PNG) into an ``(H, W, 3)`` ``uint8`` RGB array.
 
     The codec is taken from the bytes (magic numbers); ``format`` (``msg.format``, e.g. ``"jpeg"``,
-    ``"rgb8; jpeg compressed bgr8"``, ``"png"``) may be empty, but if it names a codec it must be the one of the bytes
-    (``"tiff"`` with PNG bytes is rejected). Grey images are replicated to three channels, alpha is dropped and 16-bit
-    PNGs keep their high byte (``>> 8``). The header size is checked against ``limits`` before the pixels are decoded,
-    and a JPEG whose scan ends early (truncated, or a header that declares more pixels than the data) is rejected.
+    ``"rgb8; jpeg compressed bgr8"``, ``"png"``) may be empty; otherwise it must name the codec of the bytes (``"tiff"``
+    with PNG bytes is rejected, and so is a format that names no codec). Grey images are replicated to three channels,
+    alpha is dropped and 16-bit PNGs keep their high byte (``>> 8``). The header size is checked against ``limits``
+    before the pixels are decoded, and a JPEG whose scan ends early (truncated, or a header that declares more pixels
+    than the data) is rejected.
 
     Raises:
         ImageDecodeError: unsupported or mismatching format (e.g. ``compressedDepth``), bytes that are not a complete,
@@ -522,7 +523,7 @@ _OTHER_CODECS: Final[frozenset[str]] = frozenset(
 
 
 def _check_format(format: str, codec: str) -> None:
-    """Raise unless ``format`` is empty or names exactly the codec found in the data (``codec``)."""
+    """Raise unless ``format`` is empty or names exactly the codec found in the data (``codec``), in 256 characters."""
     if not isinstance(format, str):
         raise ImageDecodeError(f"compressed image format must be a string, got {type(format).__name__}")
     words = set(re.findall(r"[a-z0-9]+", format.lower()))
@@ -531,6 +532,10 @@ def _check_format(format: str, codec: str) -> None:
             f"compressed image format {quote(format)} (depth) is not supported; expected jpeg or png"
         )
     named = {_CODEC_WORDS[w] for w in words if w in _CODEC_WORDS} | (words & _OTHER_CODECS)
+    if format.strip() and (not named or len(format) > 256):
+        raise ImageDecodeError(
+            f"compressed image format {quote(format)} names no codec; expected jpeg or png (or an empty format)"
+        )
     if named and named != {codec}:
         raise ImageDecodeError(
             f"compressed image format {quote(format)} does not match its data, which is a {codec} (the format names "

@@ -272,6 +272,9 @@ def test_format_must_name_the_codec_of_the_data() -> None:
     for fmt, data in (("tiff", png), ("bmp", jpeg), ("png", jpeg), ("jpeg", png), ("rgb8; jpeg compressed bgr8", png)):
         with pytest.raises(ImageDecodeError, match="does not match its data"):
             decode_compressed(data, fmt)
+    for fmt in ("bgr8", "garbage", "png" + " " * 300):
+        with pytest.raises(ImageDecodeError, match="names no codec"):
+            decode_compressed(png, fmt)
     for fmt, data in (("", png), ("png", png), ("rgb8; jpeg compressed bgr8", jpeg), ("JPG", jpeg)):
         assert decode_compressed(data, fmt).shape == (40, 56, 3)
     with pytest.raises(ImageDecodeError) as info:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-__all__ = ["LatestMailbox"]
+__all__ = ["LatestMailbox", "SequenceGaps"]
 
 
 class LatestMailbox:
@@ -60,3 +60,22 @@ class LatestMailbox:
     def closed(self) -> bool:
         """True after :meth:`close`."""
         return self._closed
+
+
+class SequenceGaps:
+    """Messages a publisher sent that never reached the callback (DDS history overwrites), from sequence numbers.
+
+    Keyed by publisher id; the map is reset when more than ``max_publishers`` have been seen (they come and go).
+    """
+
+    def __init__(self, max_publishers: int = 64) -> None:
+        self._last: dict[bytes, int] = {}
+        self._max = max_publishers
+
+    def lost(self, publisher: bytes, seq: int) -> int:
+        """Record ``seq`` from ``publisher``; return how many numbers were skipped since its previous message."""
+        last = self._last.get(publisher)
+        self._last[publisher] = seq
+        if len(self._last) > self._max:
+            self._last = {publisher: seq}
+        return max(0, seq - last - 1) if last is not None and seq > last else 0

@@ -26,7 +26,6 @@ parent) and ``/diagnostics``.
 
 from __future__ import annotations
 
-import collections
 import signal
 import sys
 import threading
@@ -53,7 +52,7 @@ from std_srvs.srv import Trigger
 
 from apr_localizer import geometry, node_logic, ros_convert
 from apr_localizer.imaging import ImageDecodeError
-from apr_localizer.mailbox import LatestMailbox
+from apr_localizer.mailbox import LatestMailbox, SequenceGaps
 from apr_localizer.node_params import (
     PARAMS,
     NodeConfig,
@@ -69,11 +68,6 @@ from apr_localizer.tf_buffer import TfBuffer, transform_msg_pose
 __all__ = ["LocalizerNode", "main"]
 
 _LOG_THROTTLE_S = 5.0
-_COUNTERS = (
-    "received", "processed", "published", "stale", "rejected", "low_confidence", "filtered_scene", "non_finite",
-    "processing_errors", "tf_failures", "tf_refused", "stamps_replaced", "jumps_rejected", "relocalizations",
-    "relocalize_rejected_moving", "hints", "lost_in_transport",
-)  # fmt: skip
 _RELIABLE10 = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE, history=HistoryPolicy.KEEP_LAST)
 _TF_QOS = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE, history=HistoryPolicy.KEEP_LAST)
 _TF_STATIC_QOS = QoSProfile(
@@ -82,30 +76,6 @@ _TF_STATIC_QOS = QoSProfile(
     durability=DurabilityPolicy.TRANSIENT_LOCAL,
     history=HistoryPolicy.KEEP_LAST,
 )
-
-
-class _Stats:
-    """Thread-safe counters, last values and delay windows for diagnostics."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.c = dict.fromkeys(_COUNTERS, 0)
-        self.last_failure = ""
-        self.last_scene = ""
-        self.last_confidence = float("nan")
-        self.latency_ms: collections.deque[float] = collections.deque(maxlen=600)
-        self.inference_ms: collections.deque[float] = collections.deque(maxlen=600)
-        self.delay_s: collections.deque[float] = collections.deque(maxlen=600)
-
-    def add(self, **counts: int) -> None:
-        with self.lock:
-            for k, v in counts.items():
-                self.c[k] += v
-
-    def fail(self, counter: str, reason: str) -> None:
-        with self.lock:
-            self.c[counter] += 1
-            self.last_failure = truncate(reason)
 
 
 class _Yield:
@@ -120,27 +90,13 @@ class LocalizerNode(LifecycleNode):
 
     def __init__(self, node_name: str = "apr_localizer", **kwargs: Any) -> None:
         super().__init__(node_name, **kwargs)
-        self._param_errors: dict[str, str] = {}
-        for p in PARAMS:
-            desc = ParameterDescriptor(description=p.description, read_only=p.read_only)
-            try:
-                self.declare_parameter(p.name, p.default, desc)
-            except InvalidParameterTypeException as exc:
-                hint = " (write floating-point values with a decimal point, e.g. 5.0)" if "DOUBLE" in str(exc) else ""
-                self._param_errors[p.name] = f"parameter {p.name} has the wrong type: {exc.args[0]}{hint}"
-                self.declare_parameter(p.name, p.default, desc, ignore_override=True)
-        for p in PARAMS:
-            reason = validate(p.name, self.get_parameter(p.name).value)
-            if reason is not None:
-                self._param_errors[p.name] = reason
-        for reason in self._param_errors.values():
-            self.get_logger().error(f"invalid parameter: {reason}; configure is refused until it is fixed")
+        self._param_errors = self._declare_parameters()
         self._cfg = self._read_config()
         self._cfg_lock = threading.Lock()
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self.add_post_set_parameters_callback(self._after_set_parameters)
 
-        self._stats = _Stats()
+        self._stats = node_logic.Stats()
         self._mailbox = LatestMailbox()
         self._localizer: Any = None
         self._worker: threading.Thread | None = None
@@ -153,7 +109,7 @@ class LocalizerNode(LifecycleNode):
         self._camera_frame_hint = ""
         self._camera_info: tuple[tuple[float, ...], int, int] | None = None
         self._trained_camera: dict | None = None
-        self._last_seq: dict[bytes, int] = {}
+        self._gaps = SequenceGaps()
         self._image_type: type = Image
         self._pubs: dict[str, Any] = {}
         self._subs: dict[str, Any] = {}
@@ -174,6 +130,25 @@ class LocalizerNode(LifecycleNode):
         self.get_logger().info("created; state unconfigured")
 
     # ------------------------------------------------------------------------------------ parameters
+    def _declare_parameters(self) -> dict[str, str]:
+        """Declare every parameter; return {name: one-sentence problem} for the values that cannot be used."""
+        errors: dict[str, str] = {}
+        for p in PARAMS:
+            desc = ParameterDescriptor(description=p.description, read_only=p.read_only)
+            try:
+                self.declare_parameter(p.name, p.default, desc)
+            except InvalidParameterTypeException as exc:
+                hint = " (write floating-point values with a decimal point, e.g. 5.0)" if "DOUBLE" in str(exc) else ""
+                errors[p.name] = f"parameter {p.name} has the wrong type: {exc.args[0]}{hint}"
+                self.declare_parameter(p.name, p.default, desc, ignore_override=True)
+        for p in PARAMS:
+            reason = validate(p.name, self.get_parameter(p.name).value)
+            if reason is not None:
+                errors[p.name] = reason
+        for reason in errors.values():
+            self.get_logger().error(f"invalid parameter: {reason}; configure is refused until it is fixed")
+        return errors
+
     @property
     def lifecycle_label(self) -> str:
         """Label of the current lifecycle state (``unconfigured``, ``inactive``, ``active``, ``finalized``, ...)."""
@@ -193,7 +168,7 @@ class LocalizerNode(LifecycleNode):
             reason = validate(p.name, p.value)
             if reason is not None:
                 return SetParametersResult(successful=False, reason=reason)
-        merged = {**self.config.values, **{p.name: p.value for p in params}}
+        merged = {**{q.name: self.get_parameter(q.name).value for q in PARAMS}, **{p.name: p.value for p in params}}
         reason = cross_check(config_from_values(merged))
         return SetParametersResult(successful=reason is None, reason=reason or "")
 
@@ -244,7 +219,7 @@ class LocalizerNode(LifecycleNode):
         except Exception as exc:
             self._release_configured()
             return self._configure_failed(f"cannot create the publishers: {exc}")
-        self._stats = _Stats()
+        self._stats = node_logic.Stats()
         self._diag_last = (time.monotonic(), dict(self._stats.c))
         self._mailbox = LatestMailbox()
         self._stop.clear()
@@ -311,10 +286,14 @@ class LocalizerNode(LifecycleNode):
         qos = QoSProfile(depth=cfg.qos_depth, reliability=reliability, history=HistoryPolicy.KEEP_LAST)
         self._image_type = CompressedImage if cfg.image_transport == "compressed" else Image
         self._mailbox.clear()
-        self._last_seq = {}
+        self._gaps = SequenceGaps()
         try:
             self._subs["image"] = self.create_subscription(
-                self._image_type, cfg.subscribed_topic, self._on_image, qos, raw=True
+                self._image_type,
+                cfg.subscribed_topic,
+                self._on_image,  # type: ignore[arg-type]  # raw=True: the callback gets the serialized bytes
+                qos,
+                raw=True,
             )
             if self._trained_camera is not None and cfg.camera_info_check != "off":
                 self._subs["camera_info"] = self.create_subscription(
@@ -410,16 +389,10 @@ class LocalizerNode(LifecycleNode):
         self._mailbox.put((data, self._image_type, time.monotonic(), self.get_clock().now().nanoseconds))
 
     def _transport_gap(self, info: dict) -> int:
-        """Messages a publisher sent that never reached this callback (DDS history overwrites), from sequence gaps."""
         seq, gid = info.get("publication_sequence_number"), info.get("publisher_gid")
         if not seq or not gid:
             return 0
-        key = bytes(gid.get("data", b"")) if isinstance(gid, dict) else bytes(gid)
-        last = self._last_seq.get(key)
-        self._last_seq[key] = seq
-        if len(self._last_seq) > 64:  # publishers come and go; keep the map bounded
-            self._last_seq = {key: seq}
-        return max(0, seq - last - 1) if last is not None and seq > last else 0
+        return self._gaps.lost(bytes(gid.get("data", b"")) if isinstance(gid, dict) else bytes(gid), int(seq))
 
     def _on_tf(self, msg: Any, static: bool = False) -> None:
         """Feed the TF buffer; skip our own broadcasts and frame ids tf2 would not accept."""
@@ -501,7 +474,8 @@ class LocalizerNode(LifecycleNode):
             cfg = self.config
             last_start = time.monotonic()
             try:
-                self._process(*item, cfg)
+                data, msg_type, received, received_ns = item
+                self._process(data, msg_type, received, received_ns, cfg)
             except Exception as exc:  # never let one frame kill the worker
                 self._stats.fail("processing_errors", f"{type(exc).__name__}: {exc}")
                 self.get_logger().error(
@@ -547,7 +521,7 @@ class LocalizerNode(LifecycleNode):
 
     def _process(self, data: bytes, msg_type: type, received: float, received_ns: int, cfg: NodeConfig) -> None:
         try:
-            msg = deserialize_message(data, msg_type)
+            msg: Any = deserialize_message(data, msg_type)
         except Exception as exc:  # a CDR buffer that does not hold a msg_type
             self._reject(f"cannot deserialize a {msg_type.__name__} message: {exc}")
             return
@@ -593,7 +567,7 @@ class LocalizerNode(LifecycleNode):
             if base_t_camera is None:
                 return
             map_t_base = geometry.camera_to_base(map_t_camera, base_t_camera)
-        tracked = map_t_base if cfg.output_pose == "base" else map_t_camera
+        tracked = map_t_base if map_t_base is not None and cfg.output_pose == "base" else map_t_camera
         cov = self._covariance(cfg, est.confidence)
         self._pubs["pose"].publish(ros_convert.pose_stamped(tracked, frame, stamp))
         self._pubs["pose_cov"].publish(ros_convert.pose_with_covariance_stamped(tracked, cov, frame, stamp))
@@ -607,13 +581,8 @@ class LocalizerNode(LifecycleNode):
             self._hint_pending.clear()
             self._pubs["hint"].publish(ros_convert.pose_with_covariance_stamped(tracked, cov, frame, stamp))
             self._stats.add(hints=1)
-        now_ns = self.get_clock().now().nanoseconds
-        with self._stats.lock:
-            self._stats.c["published"] += 1
-            self._stats.last_scene = truncate(est.scene_name, 64)
-            self._stats.last_confidence = float(est.confidence)
-            self._stats.latency_ms.append((time.monotonic() - received) * 1e3)
-            self._stats.delay_s.append((now_ns - stamp_ns) * 1e-9)
+        delay_s = (self.get_clock().now().nanoseconds - stamp_ns) * 1e-9
+        self._stats.published(est.scene_name, est.confidence, (time.monotonic() - received) * 1e3, delay_s)
 
     def _extrinsic(self, cfg: NodeConfig, camera_frame: str, stamp_ns: int) -> np.ndarray | None:
         """base_T_camera from the override parameters or from TF at the image stamp (None: counted failure)."""
@@ -658,6 +627,7 @@ class LocalizerNode(LifecycleNode):
     def _publish_tf(self, cfg: NodeConfig, stamp_ns: int, camera_frame: str, map_t_camera, map_t_base) -> None:
         mode = cfg.tf_mode
         if mode == "map_to_odom":
+            self._wait_for_tf(cfg.odom_frame, cfg.base_frame, stamp_ns, cfg.tf_lookup_tolerance_s)
             try:
                 odom_t_base = self._tf.lookup_one(cfg.odom_frame, cfg.base_frame, stamp_ns, cfg.tf_lookup_tolerance_s)
             except LookupError as exc:
@@ -692,6 +662,20 @@ class LocalizerNode(LifecycleNode):
         tf = ros_convert.transform_stamped(pose, cfg.map_frame, child, ros_convert.ns_to_time(stamp_ns))
         self._pubs["tf"].publish(ros_convert.tf_message([tf]))
 
+    def _wait_for_tf(self, target: str, source: str, stamp_ns: int, timeout_s: float) -> None:
+        """Wait (at most ``timeout_s``) until TF between the frames reaches ``stamp_ns`` (like tf2's message filter).
+
+        The lookup then interpolates instead of taking the last sample before the stamp; runs on the worker thread.
+        """
+        deadline = time.monotonic() + timeout_s
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            try:
+                if self._tf.lookup_latest(target, source)[1] >= stamp_ns:
+                    return
+            except LookupError:
+                pass
+            self._stop.wait(0.005)
+
     def _republish_map_odom(self) -> None:
         """Send the current map -> odom stamped now + transform_tolerance_s (AMCL semantics)."""
         cfg = self.config
@@ -712,33 +696,19 @@ class LocalizerNode(LifecycleNode):
             return truncate(topic, 256)
 
     def _publish_diagnostics(self) -> None:
-        now = time.monotonic()
-        s = self._stats
-        with s.lock:
-            counts = dict(s.c)
-            lat = np.array(s.latency_ms, dtype=np.float64)
-            inf = np.array(s.inference_ms, dtype=np.float64)
-            delay = np.array(s.delay_s, dtype=np.float64)
-            last_failure, last_scene, last_conf = s.last_failure, s.last_scene, s.last_confidence
+        """Publish the status: ERROR when configure failed or a parameter is invalid; WARN/ERROR when frames fail."""
+        now, cfg, loc = time.monotonic(), self.config, self._localizer
         t0, before = self._diag_last
-        self._diag_last = (now, counts)
-        dt = max(now - t0, 1e-6)
-        d = {k: counts[k] - before.get(k, 0) for k in counts}
-        cfg = self.config
-        topic = self._resolved(cfg.subscribed_topic)
-        failed = d["rejected"] + d["processing_errors"] + d["non_finite"] + d["tf_failures"] + d["stale"]
-        window = node_logic.DiagWindow(
-            received=d["received"],
-            published=d["published"],
-            failed=failed,
-            out_rate_hz=d["published"] / dt,
-            min_rate_hz=cfg.diagnostics_min_rate_hz,
-            delay_p90_s=float(np.percentile(delay, 90)) if delay.size else float("nan"),
-            max_delay_s=cfg.diagnostics_max_delay_s,
-            last_failure=last_failure,
+        window, values, counts = node_logic.diagnostic_report(
+            self._stats,
+            before,
+            now - t0,
+            self._mailbox.dropped,
+            cfg.diagnostics_min_rate_hz,
+            cfg.diagnostics_max_delay_s,
         )
-        state = self.lifecycle_label
-        loc = self._localizer
+        self._diag_last = (now, counts)
+        topic, state = self._resolved(cfg.subscribed_topic), self.lifecycle_label
         if self._last_error and loc is None:
             level, message = node_logic.ERROR, self._last_error
         elif self._param_errors and loc is None:
@@ -747,38 +717,19 @@ class LocalizerNode(LifecycleNode):
             level, message = node_logic.OK, state
         else:
             level, message = node_logic.diagnostic_level(window, topic)
-        values: dict[str, Any] = {
+        head = {
             "state": state,
             "backend": loc.backend_name if loc is not None else "",
             "device": loc.device if loc is not None else "",
             "image_topic": topic,
-            "input_rate_hz": f"{d['received'] / dt:.2f}",
-            "output_rate_hz": f"{window.out_rate_hz:.2f}",
-            **{("frames_" + k if k in ("received", "processed") else k): v for k, v in counts.items()},
-            "poses_published": counts["published"],
-            "dropped_frames": self._mailbox.dropped + counts["lost_in_transport"],
-            "dropped_unprocessed": self._mailbox.dropped,
-            "dropped_in_transport": counts["lost_in_transport"],
-            "rejected_messages": counts["rejected"],
-            "stale_frames": counts["stale"],
-            "last_reject_reason": last_failure,
-            "last_scene": last_scene,
-            "last_confidence": f"{last_conf:.4f}",
         }
-        for name, arr, scale in (
-            ("latency_ms", lat, 1.0),
-            ("inference_ms", inf, 1.0),
-            ("capture_delay_ms", delay, 1e3),
-        ):
-            for pct in (50, 90, 99):
-                values[f"{name}_p{pct}"] = f"{np.percentile(arr, pct) * scale:.2f}" if arr.size else "nan"
         status = DiagnosticStatus(
             name=f"{self.get_name()}: localizer",
             hardware_id=truncate(f"apr_localizer:{self.get_fully_qualified_name()}", 256),
             level=bytes([level]),
             message=truncate(message, 512),
         )
-        status.values = [KeyValue(key=k, value=truncate(str(v))) for k, v in values.items()]
+        status.values = [KeyValue(key=k, value=truncate(str(v))) for k, v in {**head, **values}.items()]
         msg = DiagnosticArray(status=[status])
         msg.header.stamp = self.get_clock().now().to_msg()
         self._diag_pub.publish(msg)

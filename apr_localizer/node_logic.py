@@ -5,17 +5,23 @@ Kept out of :mod:`apr_localizer.node` so that each rule is a plain function with
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from apr_localizer import geometry
+from apr_localizer.node_params import truncate
 
 __all__ = [
+    "COUNTERS",
     "DiagWindow",
+    "Stats",
+    "diagnostic_report",
     "FilterOptions",
     "MapOdomFilter",
     "diagnostic_level",
@@ -46,7 +52,7 @@ def stamp_problem(sec: int, nanosec: int, now_ns: int, max_future_s: float, max_
 
 
 # --------------------------------------------------------------------------------------------- planar poses
-def yaw_of(q_wxyz: Sequence[float]) -> float:
+def yaw_of(q_wxyz: Sequence[float] | np.ndarray) -> float:
     """Yaw (rad, about z) of a w-first quaternion."""
     w, x, y, z = (float(v) for v in q_wxyz)
     return math.atan2(2.0 * (w * z + x * y), 1.0 - 2.0 * (y * y + z * z))
@@ -167,3 +173,90 @@ def diagnostic_level(w: DiagWindow, topic: str) -> tuple[int, str]:
     if math.isfinite(w.delay_p90_s) and w.delay_p90_s > w.max_delay_s:
         return WARN, f"capture -> publish delay p90 {w.delay_p90_s:.3f} s above {w.max_delay_s:g} s"
     return OK, f"localizing at {w.out_rate_hz:.1f} Hz"
+
+
+# --------------------------------------------------------------------------------------------- statistics
+COUNTERS = (
+    "received", "processed", "published", "stale", "rejected", "low_confidence", "filtered_scene", "non_finite",
+    "processing_errors", "tf_failures", "tf_refused", "stamps_replaced", "jumps_rejected", "relocalizations",
+    "relocalize_rejected_moving", "hints", "lost_in_transport",
+)  # fmt: skip
+
+
+class Stats:
+    """Thread-safe counters, last values and rolling windows (600 frames) of the node's timings."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.c = dict.fromkeys(COUNTERS, 0)
+        self.last_failure = ""
+        self.last_scene = ""
+        self.last_confidence = float("nan")
+        self.latency_ms: collections.deque[float] = collections.deque(maxlen=600)
+        self.inference_ms: collections.deque[float] = collections.deque(maxlen=600)
+        self.delay_s: collections.deque[float] = collections.deque(maxlen=600)
+
+    def add(self, **counts: int) -> None:
+        with self.lock:
+            for k, v in counts.items():
+                self.c[k] += v
+
+    def fail(self, counter: str, reason: str) -> None:
+        """Count a failure and remember its (truncated) reason."""
+        with self.lock:
+            self.c[counter] += 1
+            self.last_failure = truncate(reason)
+
+    def published(self, scene: str, confidence: float, latency_ms: float, delay_s: float) -> None:
+        """Count a published estimate with its receive → publish latency and capture → publish delay."""
+        with self.lock:
+            self.c["published"] += 1
+            self.last_scene = truncate(scene, 64)
+            self.last_confidence = float(confidence)
+            self.latency_ms.append(latency_ms)
+            self.delay_s.append(delay_s)
+
+
+def _percentiles(values: dict[str, Any], name: str, arr: np.ndarray, scale: float = 1.0) -> None:
+    for pct in (50, 90, 99):
+        values[f"{name}_p{pct}"] = f"{np.percentile(arr, pct) * scale:.2f}" if arr.size else "nan"
+
+
+def diagnostic_report(
+    stats: Stats, before: Mapping[str, int], dt: float, dropped_unprocessed: int, min_rate_hz: float, max_delay_s: float
+) -> tuple[DiagWindow, dict[str, Any], dict[str, int]]:
+    """Window (counts since ``before``, ``dt`` seconds ago), the key/value table and the counts to diff next time."""
+    with stats.lock:
+        counts = dict(stats.c)
+        lat, inf, delay = (np.array(d, dtype=np.float64) for d in (stats.latency_ms, stats.inference_ms, stats.delay_s))
+        last_failure, last_scene, last_conf = stats.last_failure, stats.last_scene, stats.last_confidence
+    dt = max(dt, 1e-6)
+    d = {k: counts[k] - before.get(k, 0) for k in counts}
+    window = DiagWindow(
+        received=d["received"],
+        published=d["published"],
+        failed=d["rejected"] + d["processing_errors"] + d["non_finite"] + d["tf_failures"] + d["stale"],
+        out_rate_hz=d["published"] / dt,
+        min_rate_hz=min_rate_hz,
+        delay_p90_s=float(np.percentile(delay, 90)) if delay.size else float("nan"),
+        max_delay_s=max_delay_s,
+        last_failure=last_failure,
+    )
+    values: dict[str, Any] = {
+        "input_rate_hz": f"{d['received'] / dt:.2f}",
+        "output_rate_hz": f"{window.out_rate_hz:.2f}",
+        **{("frames_" + k if k in ("received", "processed") else k): v for k, v in counts.items()},
+        "poses_published": counts["published"],
+        "dropped_frames": dropped_unprocessed + counts["lost_in_transport"],
+        "dropped_unprocessed": dropped_unprocessed,
+        "dropped_in_transport": counts["lost_in_transport"],
+        "rejected_messages": counts["rejected"],
+        "stale_frames": counts["stale"],
+        "last_reject_reason": last_failure,
+        "last_scene": last_scene,
+        "last_confidence": f"{last_conf:.4f}",
+    }
+    _percentiles(values, "latency_ms", lat)
+    _percentiles(values, "inference_ms", inf)
+    _percentiles(values, "capture_delay_ms", delay, 1e3)
+    return window, values, counts

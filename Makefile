@@ -43,6 +43,11 @@ test-ros: venv ## The ROS tier: tests with real rclpy node processes (loopback-o
 test-gpu: venv ## The GPU tier: CUDA torch, GPU preprocessing, TensorRT plumbing (skipped without CUDA).
 	scripts/run_tests.sh -m gpu $(PYTEST_ARGS)
 
+.PHONY: fuzz
+FUZZ_OUT ?= build/fuzz
+fuzz: venv ## Full hostile-input campaign (storms, floods, many hypothesis examples); report in FUZZ_OUT=build/fuzz.
+	scripts/fuzz.sh $(FUZZ_OUT)
+
 demo: ## Render a synthetic test bag, run the node live on it with the bundled model, print accuracy/latency.
 	@scripts/demo.sh
 

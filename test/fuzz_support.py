@@ -1,5 +1,8 @@
 """Helpers for the hostile-input tests: peak-memory measurement in a fresh process, hostile file builders.
 
+``record`` appends a measurement to ``$APR_FUZZ_REPORT_DIR/records.json`` (when set: ``make fuzz``), from which
+``test/fuzz_report.py`` writes the campaign report.
+
 ``measure_in_subprocess`` runs a snippet in a new Python process and reports the growth of the peak resident set
 (``VmHWM``, reset through ``/proc/self/clear_refs`` right before the snippet, so the imports do not count) together
 with whatever the snippet stored in ``result``. It sees every allocation (NumPy, OpenCV, torch, safetensors), unlike
@@ -19,6 +22,21 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+RECORDS = "records.json"
+
+
+def record(name: str, **data: Any) -> None:
+    """Add one named measurement to the campaign report (a no-op unless ``APR_FUZZ_REPORT_DIR`` is set)."""
+    from apr_localizer.fileio import atomic_write_text
+
+    directory = os.environ.get("APR_FUZZ_REPORT_DIR")
+    if not directory:
+        return
+    path = Path(directory) / RECORDS
+    records = json.loads(path.read_text()) if path.is_file() else []
+    records.append({"name": name, **data})
+    atomic_write_text(path, json.dumps(records, indent=1, default=str))
+
 
 _CHILD = r"""
 import json, os, resource, sys, time, traceback

@@ -57,16 +57,17 @@ def test_per_scene_heads_round_trip(tmp_path):
     _assert_same_outputs(model, back, random_images(3, seed=6))
 
 
-@pytest.mark.parametrize(
-    ("rot", "keys", "params"), [(4, 686, 16_432_748), (6, 746, 18_543_212)]
-)
+@pytest.mark.parametrize(("rot", "keys", "params"), [(4, 686, 16_432_748), (6, 746, 18_543_212)])
 def test_published_structures_match_the_spec(rot, keys, params):
     torch.manual_seed(0)
     model = MSTransformer(MSTransformerConfig(num_scenes=7, rot_encoder_layers=rot, rot_decoder_layers=rot))
     sd = to_official_state_dict(model)
     assert len(sd) == keys
-    assert sum(v.numel() for k, v in sd.items() if not k.endswith("num_batches_tracked") and v.is_floating_point()) \
-        - sum(v.numel() for k, v in sd.items() if k.endswith(("running_mean", "running_var"))) == params
+    assert (
+        sum(v.numel() for k, v in sd.items() if not k.endswith("num_batches_tracked") and v.is_floating_point())
+        - sum(v.numel() for k, v in sd.items() if k.endswith(("running_mean", "running_var")))
+        == params
+    )
 
 
 def test_iapr_official_structure_and_round_trip(tmp_path):
@@ -74,9 +75,7 @@ def test_iapr_official_structure_and_round_trip(tmp_path):
     full = IAPR(__import__("apr_localizer.models", fromlist=["IAPRConfig"]).IAPRConfig())
     sd = to_official_state_dict(full)
     assert len(sd) == 800 and list(sd)[:2] == ["rel_x_token", "rel_q_token"]
-    rpr_params = sum(
-        v.numel() for k, v in sd.items() if not k.startswith(("mstransformer.", "pae."))
-    )
+    rpr_params = sum(v.numel() for k, v in sd.items() if not k.startswith(("mstransformer.", "pae.")))
     assert rpr_params == 3_165_191
     small = random_iapr(seed=2)
     back = load_official_checkpoint(save_official_checkpoint(small, tmp_path / "iapr.pth"))
@@ -93,8 +92,10 @@ def test_reference_checkpoint_exports_back_to_identical_keys(reference_dir):
     assert list(exported) == list(original)  # same keys, same order
     for k, v in original.items():
         used = not any(s in k for s in ("_blocks.11.", "_blocks.12.", "_blocks.13.", "_blocks.14.", "_blocks.15."))
-        used = used and not any(k.endswith(s) for s in ()) and not k.startswith(
-            ("backbone.0.body._conv_head", "backbone.0.body._bn1.", "backbone.0.body._fc")
+        used = (
+            used
+            and not any(k.endswith(s) for s in ())
+            and not k.startswith(("backbone.0.body._conv_head", "backbone.0.body._bn1.", "backbone.0.body._fc"))
         )
         if used:
             assert torch.equal(exported[k], v), k
@@ -102,8 +103,12 @@ def test_reference_checkpoint_exports_back_to_identical_keys(reference_dir):
 
 
 @pytest.mark.parametrize(
-    ("cfg", "width"), [(PAEConfig(), 52), (PAEConfig(multi_scene=False), 39),
-                       (PAEConfig(multi_scene=False, apply_positional_encoding=False, shallow_mlp=True), 3)]
+    ("cfg", "width"),
+    [
+        (PAEConfig(), 52),
+        (PAEConfig(multi_scene=False), 39),
+        (PAEConfig(multi_scene=False, apply_positional_encoding=False, shallow_mlp=True), 3),
+    ],
 )
 def test_pae_round_trip(tmp_path, cfg, width):
     torch.manual_seed(1)
@@ -172,8 +177,9 @@ def test_own_format_round_trip_with_shared_encoder(tmp_path):
     apr = random_ms_transformer(seed=7)
     iapr = random_iapr(seed=8, mstransformer=apr)
     pae = build_pae()
-    path = save_model(tmp_path / "bundle.safetensors", apr, iapr, pae, scene_names=["a", "b", "c"],
-                      provenance={"command": "test"})
+    path = save_model(
+        tmp_path / "bundle.safetensors", apr, iapr, pae, scene_names=["a", "b", "c"], provenance={"command": "test"}
+    )
     meta = read_metadata(path)
     assert meta["scene_names"] == ["a", "b", "c"] and meta["components"]["iapr"]["shares_apr_encoder"]
     assert meta["preprocess"]["crop"] == 224 and meta["provenance"]["command"] == "test"

@@ -21,7 +21,7 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
-from fuzz_support import jpeg_with_size, measure_in_subprocess, tiny_png
+from fuzz_support import jpeg_with_size, measure_in_subprocess, record, tiny_png
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -115,6 +115,7 @@ def test_issue_12_sizes_are_rejected_with_bounded_memory() -> None:
         """,
     )
     res = out["result"]
+    record("issue 12 sizes (imaging/preprocess)", peak_rss_growth_mb=out["growth_mb"], results=dict(res))
     assert res.pop("png_bytes") < 160
     assert res == dict.fromkeys(res, "ImageSizeError"), res
     assert out["growth_mb"] < 100, out

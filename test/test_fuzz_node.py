@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 from builtin_interfaces.msg import Time
 from diagnostic_msgs.msg import DiagnosticArray
-from fuzz_support import jpeg_with_size, tiny_png
+from fuzz_support import jpeg_with_size, record, tiny_png
 from geometry_msgs.msg import PoseStamped
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CompressedImage, Image
@@ -41,7 +41,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT = "checkpoints/ms_transformer_7scenes_t2-2_rot1-1.pth"
 CAMERA_FRAME = "cam_optical"
 STORM = int(os.environ.get("APR_FUZZ_STORM", "120"))
-STORM_HZ = float(os.environ.get("APR_FUZZ_STORM_HZ", "200"))  # 0: as fast as possible (the transport drops most)
+STORM_HZ = float(os.environ.get("APR_FUZZ_STORM_HZ", "200"))
+FLOOD_S = float(os.environ.get("APR_FUZZ_FLOOD_S", "0"))  # mixed valid/malformed flood; 0 = skipped (make fuzz: 60)
+FLOOD_HZ = float(os.environ.get("APR_FUZZ_FLOOD_HZ", "100"))  # 0: as fast as possible (the transport drops most)
 STORM_COUNTERS = ("rejected_messages", "frames_received", "frames_processed", "poses_published", "processing_errors",
                   "dropped_unprocessed", "dropped_in_transport")  # fmt: skip
 RELIABLE = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE, history=HistoryPolicy.KEEP_LAST)
@@ -294,6 +296,8 @@ def test_storm_of_malformed_messages_keeps_memory_flat_and_publishes_nothing(fuz
     growth = rss.growth_mb()
     delta = {k: int(after[k]) - int(before[k]) for k in STORM_COUNTERS}
     print(f"\nstorm ({fuzzed.transport}): sent {sent}, {delta}, peak RSS growth {growth:.1f} MB (hwm={rss.hwm})")
+    record(f"storm ({fuzzed.transport})", sent=sent, rate_hz=STORM_HZ, kinds=len(kinds), peak_rss_growth_mb=growth,
+           **delta)  # fmt: skip
     assert fuzzed.proc.alive()
     assert delta["poses_published"] == 0 and fuzzed.h.count(fuzzed.poses) == poses_before, delta
     assert delta["processing_errors"] == 0, (delta, after["last_reject_reason"])
@@ -322,6 +326,39 @@ def test_node_still_localizes_and_never_published_anything_wrong(fuzzed: FuzzedN
             tr, rot = t.transform.translation, t.transform.rotation
             assert ros_convert.time_to_ns(t.header.stamp) > 0, t
             assert all(math.isfinite(x) for x in (tr.x, tr.y, tr.z, rot.x, rot.y, rot.z, rot.w)), t
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(FLOOD_S <= 0, reason="the mixed flood runs in make fuzz (APR_FUZZ_FLOOD_S > 0)")
+def test_mixed_flood_keeps_memory_flat_and_accounts_for_every_frame(fuzzed: FuzzedNode, frame) -> None:
+    """Every fourth message is a valid frame, the rest cycle through the malformed kinds, at FLOOD_HZ."""
+    malformed = [make() for make in _kinds(fuzzed).values()]
+    valid = fuzzed.valid_frame(frame)
+    before = fuzzed.wait_diag(lambda d: True, "diagnostics")
+    rss = PeakRss(fuzzed.proc.pid)
+    t0, sent = time.monotonic(), 0
+    while time.monotonic() - t0 < FLOOD_S:
+        if (wait := t0 + sent / FLOOD_HZ - time.monotonic()) > 0:
+            time.sleep(wait)
+        msg = valid if sent % 4 == 0 else malformed[sent % len(malformed)]
+        msg.header.stamp = _now()
+        fuzzed.pub.publish(msg)
+        sent += 1
+    after = fuzzed.wait_diag(
+        lambda d: (
+            int(d["frames_received"]) + int(d["dropped_in_transport"])
+            >= int(before["frames_received"]) + int(before["dropped_in_transport"]) + int(0.95 * sent)
+        ),
+        "diagnostics accounting for the flood",
+        timeout=60.0,
+    )
+    growth = rss.growth_mb()
+    delta = {k: int(after[k]) - int(before[k]) for k in STORM_COUNTERS}
+    record(f"flood ({fuzzed.transport})", seconds=FLOOD_S, rate_hz=FLOOD_HZ, sent=sent, peak_rss_growth_mb=growth,
+           **delta)  # fmt: skip
+    assert fuzzed.proc.alive() and delta["processing_errors"] == 0, delta
+    assert delta["poses_published"] >= 1, delta
+    assert growth < 100, f"peak RSS grew by {growth:.1f} MB during the flood"
 
 
 @pytest.mark.xfail(

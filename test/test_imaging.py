@@ -20,7 +20,6 @@ from apr_localizer.imaging import (
     ENCODINGS,
     ImageDecodeError,
     ImageLimits,
-    ImageSizeError,
     bytes_per_pixel,
     compressed_image_size,
     decode_compressed,
@@ -129,15 +128,25 @@ def test_yuv422_round_trip_matches_opencv_and_the_original(encoding: str, frame:
 
 @pytest.mark.parametrize(
     ("encoding", "pair"),
-    [("yuv422", [90, 82, 240, 82]), ("uyvy", [90, 82, 240, 82]), ("yuv422_yuy2", [82, 90, 82, 240]),
-     ("yuyv", [82, 90, 82, 240])],
+    [
+        ("yuv422", [90, 82, 240, 82]),
+        ("uyvy", [90, 82, 240, 82]),
+        ("yuv422_yuy2", [82, 90, 82, 240]),
+        ("yuyv", [82, 90, 82, 240]),
+    ],
 )
 def test_yuv422_byte_order(encoding: str, pair: list[int]) -> None:
     # BT.601 limited-range red is Y=82, U=90, V=240: UYVY stores U Y V Y, YUYV stores Y U Y V.
     out = decode_raw(bytes(pair * 2), encoding, 4, 1, 8, limits=ANY_SIZE)
     assert np.abs(out.astype(int) - [255, 0, 0]).max() <= 3, out
-    white = decode_raw(bytes([128, 235, 128, 235] if encoding in ("yuv422", "uyvy") else [235, 128, 235, 128]),
-                       encoding, 2, 1, 4, limits=ANY_SIZE)
+    white = decode_raw(
+        bytes([128, 235, 128, 235] if encoding in ("yuv422", "uyvy") else [235, 128, 235, 128]),
+        encoding,
+        2,
+        1,
+        4,
+        limits=ANY_SIZE,
+    )
     np.testing.assert_array_equal(white, np.full((1, 2, 3), 255, np.uint8))
 
 
@@ -188,8 +197,14 @@ def test_rgb_and_rgba_are_zero_copy_views(encoding: str, padding: int) -> None:
 def test_every_buffer_type_decodes_the_same() -> None:
     rgb = _textured()
     data, step = encode_raw(rgb, "bgr8", step=200)
-    buffers = [data, bytearray(data), memoryview(data), np.frombuffer(data, np.uint8), array.array("B", data),
-               np.frombuffer(data, np.uint8).reshape(48, 200)]
+    buffers = [
+        data,
+        bytearray(data),
+        memoryview(data),
+        np.frombuffer(data, np.uint8),
+        array.array("B", data),
+        np.frombuffer(data, np.uint8).reshape(48, 200),
+    ]
     for buf in buffers:
         np.testing.assert_array_equal(decode_raw(buf, "bgr8", 64, 48, 200), rgb, err_msg=type(buf).__name__)
     assert decode_raw(data, "RGB8", 64, 48, 200).shape == (48, 64, 3)  # case-insensitive

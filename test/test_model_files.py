@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fuzz_support import REPO_ROOT, measure_in_subprocess, safetensors_bytes
+from fuzz_support import REPO_ROOT, measure_in_subprocess, record, safetensors_bytes
 from model_fixtures import random_ms_transformer
 
 from apr_localizer.checkpoints import (
@@ -147,6 +147,8 @@ def test_hostile_files_are_refused_without_allocating(tmp_path: Path) -> None:
         setup=f"from apr_localizer.checkpoints import CheckpointError, load_model\nPATHS = {paths!r}\n"
         "import apr_localizer.models, torch\n",
     )
+    record("hostile model files", files=len(paths), peak_rss_growth_mb=out["growth_mb"], elapsed_s=out["elapsed_s"],
+           results=out["result"])  # fmt: skip
     assert out["result"] == dict.fromkeys(paths, "CheckpointError"), out["result"]
     assert out["growth_mb"] < 100, out
 

@@ -43,8 +43,14 @@ def raw_frames(reference_dir) -> list[np.ndarray]:
 
 def _torchvision_test_transform() -> T.Compose:
     """Independent oracle: the training pipeline's test transform built from torchvision itself."""
-    return T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(),
-                      T.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])])
+    return T.Compose(
+        [
+            T.Resize(256),
+            T.CenterCrop(224),
+            T.ToTensor(),
+            T.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
+        ]
+    )
 
 
 def _random_image(height: int, width: int, seed: int) -> np.ndarray:
@@ -151,8 +157,16 @@ def test_accepted_input_forms_agree(raw_frames: list[np.ndarray]) -> None:
     for method in ("pil", "torch"):
         cfg = PreprocessConfig(method=method)
         want = preprocess(frame, cfg)
-        forms = [frame, [frame], np.stack([frame]), torch.from_numpy(frame), torch.from_numpy(frame)[None],
-                 Image.fromarray(frame), [torch.from_numpy(frame)], np.ascontiguousarray(frame)[:, :, :]]
+        forms = [
+            frame,
+            [frame],
+            np.stack([frame]),
+            torch.from_numpy(frame),
+            torch.from_numpy(frame)[None],
+            Image.fromarray(frame),
+            [torch.from_numpy(frame)],
+            np.ascontiguousarray(frame)[:, :, :],
+        ]
         for form in forms:
             assert torch.equal(preprocess(form, cfg), want), (method, type(form).__name__)
     # non-contiguous and read-only views (decoded ROS buffers) work without copies by the caller and without warnings
@@ -222,12 +236,24 @@ def test_config_round_trips_through_json_and_validates() -> None:
     restored = PreprocessConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert restored == cfg and isinstance(restored.mean, tuple)
     assert PreprocessConfig.from_dict({}) == PreprocessConfig()
-    assert PreprocessConfig().to_dict() == {"resize": 256, "crop": 224, "mean": [0.485, 0.456, 0.406],
-                                            "std": [0.229, 0.224, 0.225], "method": "auto"}
+    assert PreprocessConfig().to_dict() == {
+        "resize": 256,
+        "crop": 224,
+        "mean": [0.485, 0.456, 0.406],
+        "std": [0.229, 0.224, 0.225],
+        "method": "auto",
+    }
     with pytest.raises(ValueError, match="unknown keys"):
         PreprocessConfig.from_dict({"size": 256})
-    bad = [{"crop": 300}, {"resize": 0}, {"resize": 25.6}, {"mean": (0.5, 0.5)}, {"std": (0.2, 0.0, 0.2)},
-           {"method": "cv2"}, {"mean": "abc"}]
+    bad = [
+        {"crop": 300},
+        {"resize": 0},
+        {"resize": 25.6},
+        {"mean": (0.5, 0.5)},
+        {"std": (0.2, 0.0, 0.2)},
+        {"method": "cv2"},
+        {"mean": "abc"},
+    ]
     for kwargs in bad:
         with pytest.raises(ValueError, match="PreprocessConfig"):
             PreprocessConfig(**kwargs)

@@ -265,8 +265,8 @@ def preprocess(
 
     if method == "pil":
         arrays = [t.numpy(force=True) for t in batch] if isinstance(batch, torch.Tensor) else batch
-        crops = np.stack([_crop_pil(img, config) for img in arrays])  # (B, c, c, 3) uint8
-        x = torch.from_numpy(crops).permute(0, 3, 1, 2)
+        stacked = np.stack([_crop_pil(img, config) for img in arrays])  # (B, c, c, 3) uint8
+        x = torch.from_numpy(stacked).permute(0, 3, 1, 2)
         return _normalize_u8(x, config, torch.float32).to(device=device, dtype=dtype)
 
     if isinstance(batch, torch.Tensor):

@@ -55,3 +55,23 @@ def test_clean_stale_tmp_keeps_young_files(tmp_path):
     (tmp_path / ".a.b.tmp").write_text("x")
     assert clean_stale_tmp(tmp_path, older_than_s=3600) == []
     assert clean_stale_tmp(tmp_path / "missing") == []
+
+
+def test_clean_stale_tmp_by_destination_name(tmp_path):
+    (tmp_path / ".model.safetensors.k1.tmp").write_bytes(b"x")
+    (tmp_path / ".model.safetensors.k2.tmp").mkdir()
+    (tmp_path / ".other.safetensors.k3.tmp").write_bytes(b"y")
+    (tmp_path / ".model[1].safetensors.k4.tmp").write_bytes(b"z")  # glob characters in a name are literal
+    removed = clean_stale_tmp(tmp_path, name="model.safetensors")
+    assert sorted(p.name for p in removed) == [".model.safetensors.k1.tmp", ".model.safetensors.k2.tmp"]
+    assert [p.name for p in clean_stale_tmp(tmp_path, name="model[1].safetensors")] == [".model[1].safetensors.k4.tmp"]
+    assert _tmps(tmp_path) == [".other.safetensors.k3.tmp"]
+
+
+def test_atomic_path_temporaries_are_found_by_name(tmp_path):
+    p = tmp_path / "m.bin"
+    with atomic_path(p) as tmp:
+        tmp.write_bytes(b"partial")
+        assert [x.name for x in clean_stale_tmp(tmp_path, name="m.bin", older_than_s=3600)] == []
+        assert tmp.name.startswith(".m.bin.") and tmp.name.endswith(".tmp")
+    assert p.read_bytes() == b"partial" and _tmps(tmp_path) == []

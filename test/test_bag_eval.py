@@ -291,7 +291,7 @@ def test_ground_truth_lookup_nearest_and_tf_interpolation(tmp_path, frames, grou
 
 # --------------------------------------------------------------------------------------------- offline
 def test_offline_evaluation_has_the_known_answer(tmp_path, eval_bag, checkpoint, estimates):
-    from apr_training.evaluation.live import main
+    from apr_training.cli.eval_bag import main
 
     out = tmp_path / "offline"
     scene = estimates[1].scene_name
@@ -354,7 +354,7 @@ def test_offline_evaluation_has_the_known_answer(tmp_path, eval_bag, checkpoint,
 
 
 def test_offline_stride_and_input_errors(tmp_path, eval_bag, checkpoint, capsys):
-    from apr_training.evaluation.live import main
+    from apr_training.cli.eval_bag import main
 
     out = tmp_path / "stride"
     base = [
@@ -390,7 +390,7 @@ def test_offline_stride_and_input_errors(tmp_path, eval_bag, checkpoint, capsys)
 
 
 def test_offline_reads_mcap_bags_and_bare_mcap_files(tmp_path, frames, ground_truth, checkpoint, offline_run):
-    from apr_training.evaluation.live import main
+    from apr_training.cli.eval_bag import main
 
     bag = write_eval_bag(tmp_path / "mcap_bag", frames[:4], ground_truth[:4], storage="mcap")
     (mcap_file,) = bag.glob("*.mcap")
@@ -481,7 +481,7 @@ def _first_frames(bag: Path, n: int) -> list[np.ndarray]:
 
 # --------------------------------------------------------------------------------------------- live (node process)
 def _run_cli(args: list[str], env: dict[str, str], timeout: float = 240.0) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "apr_training.evaluation.live", *args]
+    cmd = [sys.executable, "-m", "apr_training.cli.eval_bag", *args]
     return subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
 
 
@@ -531,7 +531,7 @@ def _check_live(out: Path, proc: subprocess.CompletedProcess, offline: dict[int,
 
 @pytest.fixture(scope="module")
 def offline_run(tmp_path_factory, eval_bag, checkpoint) -> Path:
-    from apr_training.evaluation.live import main
+    from apr_training.cli.eval_bag import main
 
     out = tmp_path_factory.mktemp("offline_ref")
     argv = [
@@ -597,7 +597,7 @@ def test_live_replay_through_the_node_matches_offline(tmp_path, eval_bag, checkp
 def test_live_compressed_images_tf_ground_truth_and_recorded_stamps(
     tmp_path, frames, ground_truth, checkpoint, ros_env
 ):
-    from apr_training.evaluation.live import main
+    from apr_training.cli.eval_bag import main
 
     bag = write_eval_bag(tmp_path / "jpeg_tf_bag", frames, ground_truth, compressed=True, tf=True)
     topic = IMAGE_TOPIC + "/compressed"

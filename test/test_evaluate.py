@@ -15,10 +15,10 @@ from PIL import Image
 from apr_localizer import geometry as g
 from apr_localizer.checkpoints import save_model
 from apr_localizer.localizer import Localizer, LocalizerOptions
+from apr_training.cli.eval import main as eval_main
 from apr_training.datasets.labels import LabelRow, write_labels
 from apr_training.datasets.torch_datasets import load_rgb
 from apr_training.evaluation import metrics
-from apr_training.evaluation.runner import main as eval_main
 
 SCENES = ["alpha", "beta", "gamma"]  # gamma has no frames in the test CSV
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

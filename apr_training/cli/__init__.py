@@ -1,6 +1,10 @@
-"""Console entry points of apr_training; each command lives in its own module and is imported lazily.
+"""Console scripts of apr_training: one module per command, imported lazily by the entry points below.
 
-``apr-train``, ``apr-eval``, ``apr-export``, ``apr-bench``, ``apr-synth``, ``apr-eval-bag``.
+``apr-train`` (:mod:`apr_training.train.cli`), ``apr-eval`` (:mod:`.eval`), ``apr-export``
+(:mod:`apr_training.export_cli`), ``apr-bench`` (:mod:`apr_training.bench`; ``apr-bench node`` →
+:mod:`apr_training.node_bench`), ``apr-synth`` (:mod:`apr_training.synthetic.cli`), ``apr-eval-bag``
+(:mod:`.eval_bag`); ``python -m apr_training.cli.bag_player`` plays a bag. Shared argparse groups and the
+error-to-exit-code helper live in :mod:`.args`. Nothing else imports this package.
 """
 
 from __future__ import annotations
@@ -11,11 +15,12 @@ from collections.abc import Sequence
 
 _COMMANDS = {
     "train": ("apr_training.train.cli", "main"),
-    "eval": ("apr_training.evaluation.runner", "main"),
+    "eval": ("apr_training.cli.eval", "main"),
     "export": ("apr_training.export_cli", "main"),
     "bench": ("apr_training.bench", "main"),
+    "bench_node": ("apr_training.node_bench", "main"),
     "synth": ("apr_training.synthetic.cli", "synth_main"),
-    "eval_bag": ("apr_training.evaluation.live", "main"),
+    "eval_bag": ("apr_training.cli.eval_bag", "main"),
 }
 
 
@@ -40,15 +45,9 @@ def export_main(argv: Sequence[str] | None = None) -> int:
 
 
 def bench_main(argv: Sequence[str] | None = None) -> int:
-    """``apr-bench``: per-stage latency, throughput and memory for every available backend.
-
-    ``apr-bench node ...`` runs the end-to-end node benchmark (publisher → node → subscriber) instead.
-    """
+    """``apr-bench``: per-stage latency, throughput and memory for every available backend (``node``: end to end)."""
     args = list(sys.argv[1:] if argv is None else argv)
-    if args[:1] == ["node"]:
-        _COMMANDS["bench_node"] = ("apr_training.node_bench", "main")
-        return _run("bench_node", args[1:])
-    return _run("bench", args)
+    return _run("bench_node", args[1:]) if args[:1] == ["node"] else _run("bench", args)
 
 
 def synth_main(argv: Sequence[str] | None = None) -> int:
@@ -59,7 +58,3 @@ def synth_main(argv: Sequence[str] | None = None) -> int:
 def eval_bag_main(argv: Sequence[str] | None = None) -> int:
     """``apr-eval-bag``: evaluate on a ROS 2 bag, offline or live through the node."""
     return _run("eval_bag", argv)
-
-
-if __name__ == "__main__":  # python -m apr_training.cli <command> ...
-    sys.exit(_run(sys.argv[1].replace("-", "_"), sys.argv[2:]))

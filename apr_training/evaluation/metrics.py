@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from apr_localizer import geometry
+from apr_localizer.fileio import atomic_write_text
 
 __all__ = [
     "DEFAULT_THRESHOLDS",
@@ -296,8 +297,7 @@ class EvalReport:
 
     def write_json(self, path: str | Path) -> Path:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.to_json() + "\n", encoding="utf-8")
+        atomic_write_text(path, self.to_json() + "\n")
         return path
 
 
@@ -480,14 +480,12 @@ def write_tum(path: str | Path, timestamps, poses, skip_invalid: bool = True) ->
     valid = valid_poses(p)
     if not skip_invalid and not valid.all():
         raise ValueError(f"pose {int(np.flatnonzero(~valid)[0])} is non-finite or has a zero quaternion")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     lines = [TUM_HEADER]
     if valid.any():
         q = geometry.quat_to_ros(geometry.quat_normalize(p[valid, 3:], canonical=False))
         for t, xyz, qr in zip(ts[valid], p[valid, :3], q):
             lines.append(" ".join(repr(float(v)) for v in (t, *xyz, *qr)))
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    atomic_write_text(path, "\n".join(lines) + "\n")
     return int(valid.sum())
 
 

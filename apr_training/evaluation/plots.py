@@ -2,8 +2,8 @@
 
 Every function takes plain numpy arrays, writes one PNG and returns its path. Figures are built with
 ``matplotlib.figure.Figure`` (Agg canvas) rather than pyplot: no global backend switch, no display needed, nothing
-kept alive after saving, safe in threads. Errors come from :func:`apr_training.evaluation.metrics.frame_errors`; invalid
-(NaN) errors are left out of the curves and counted in the legend.
+kept alive after saving, safe in threads. Errors come from :func:`.metrics.frame_errors`; invalid (NaN) errors are
+left out of the curves and counted in the legend.
 """
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ import numpy as np
 from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
 
-__all__ = ["PLANES", "plot_error_cdf", "plot_errors_over_frames", "plot_trajectory", "resolve_plane"]
+from apr_localizer.fileio import atomic_path
+
+__all__ = ["PLANES", "plot_error_cdf", "plot_errors_over_frames", "plot_latency", "plot_trajectory", "resolve_plane"]
 
 PLANES = {"xy": (0, 1), "xz": (0, 2), "yz": (1, 2)}
 _AXIS = "xyz"
@@ -24,9 +26,9 @@ _DPI = 120
 
 def _save(fig, path: str | Path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=_DPI)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=_DPI, format=path.suffix.lstrip(".") or "png")
     return path
 
 
@@ -168,4 +170,28 @@ def plot_errors_over_frames(
     axes[0].legend(loc="upper right", fontsize=8)
     if title:
         axes[0].set_title(title)
+    return _save(fig, path)
+
+
+def plot_latency(latency_ms, frame_index, path: str | Path, title: str) -> Path:
+    """Histogram of the end-to-end latency and the latency over the image index (one PNG)."""
+    lat = np.asarray(latency_ms, dtype=np.float64)
+    fig = Figure(figsize=(11, 4.2))
+    ax0, ax1 = fig.subplots(1, 2)
+    finite = lat[np.isfinite(lat)]
+    if len(finite):
+        ax0.hist(finite, bins=min(50, max(5, len(finite) // 3)), color="tab:blue", alpha=0.8)
+        for pct, style in ((50, "-"), (90, "--"), (99, ":")):
+            v = float(np.percentile(finite, pct))
+            ax0.axvline(v, color="k", linestyle=style, linewidth=0.9, label=f"p{pct} {v:.1f} ms")
+        ax0.legend(fontsize=8)
+    ax0.set_xlabel("End-to-end latency (ms)")
+    ax0.set_ylabel("Frames")
+    ax0.grid(True, alpha=0.3)
+    ax1.plot(frame_index, lat, ".-", linewidth=0.8, markersize=3)
+    ax1.set_xlabel("Image index in the bag")
+    ax1.set_ylabel("End-to-end latency (ms)")
+    ax1.set_ylim(bottom=0.0)
+    ax1.grid(True, alpha=0.3)
+    fig.suptitle(title)
     return _save(fig, path)

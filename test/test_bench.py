@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from apr_training.bench import summarize
+from apr_training.bench.backends import summarize
 
 
 def test_summarize():
@@ -20,7 +20,7 @@ def test_summarize():
 @pytest.mark.slow
 def test_apr_bench_json_on_cpu(tmp_path):
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, "-m", "apr_training.bench", "--arch", "small",
+    cmd = [sys.executable, "-m", "apr_training.bench.backends", "--arch", "small",
            "--backends", "torch,onnxruntime,tensorrt",
            "--runs", "2", "--rounds", "1", "--warmup", "1", "--iterations", "2", "--threads", "1", "--profile",
            "--cache-dir", str(tmp_path / "cache"), "--json", str(out)]

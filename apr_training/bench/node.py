@@ -5,7 +5,7 @@ r"""``apr-bench node``: end-to-end latency, overhead, drops and memory of the lo
     apr-bench node [--model M] [--rates 15,30] [--flood-rate 100] [--duration 20] [--flood-duration 120] \\
                    [--backend auto] [--threads 0] [--json node_bench.json]
 
-Three processes: a **publisher** subprocess (``python -m apr_training.node_bench _publisher``) sends ``--width`` x
+Three processes: a **publisher** subprocess (``python -m apr_training.bench.node _publisher``) sends ``--width`` x
 ``--height`` ``rgb8`` images at each rate, stamping every image with the wall-clock time right before
 ``publish``; the **node** (``localizer_node`` with the package's ``config/localizer.yaml`` plus the benchmark's
 overrides) localizes them; **this process** subscribes to the node's ``~/pose`` and ``/diagnostics``, takes the
@@ -71,7 +71,7 @@ def _publisher_main(argv: Sequence[str]) -> int:
     p.add_argument("--wait", type=float, default=30.0, help="seconds to wait for the node's subscription")
     args = p.parse_args(list(argv))
 
-    from .ros_harness import RosHarness, prepare_ros_environment
+    from ..ros_harness import RosHarness, prepare_ros_environment
 
     prepare_ros_environment()
     from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
@@ -133,7 +133,7 @@ def _bench_frame(width: int, height: int) -> np.ndarray:
 
 
 def _stats(values: Sequence[float]) -> dict[str, float]:
-    from .evaluation.metrics import latency_stats
+    from ..evaluation.metrics import latency_stats
 
     return latency_stats(values)
 
@@ -147,7 +147,7 @@ def _resolve_model(args: argparse.Namespace, tmp: Path) -> tuple[Path, str]:
         return path.resolve(), str(path)
     from apr_localizer.checkpoints import save_model
 
-    from .bench import build_random_bundle
+    from .backends import build_random_bundle
 
     bundle = build_random_bundle(args.arch)
     path = tmp / f"random_{args.arch}.safetensors"
@@ -221,7 +221,7 @@ def _run_phase(
     cmd = [
         sys.executable,
         "-m",
-        "apr_training.node_bench",
+        "apr_training.bench.node",
         "_publisher",
         "--topic",
         args.topic,
@@ -331,7 +331,7 @@ def run_node_bench(args: argparse.Namespace, env_changes: dict[str, str]) -> dic
 
     from apr_localizer.resources import config_path
 
-    from .ros_harness import NODE_NAME, NodeMonitor, NodeProcess, RosHarness, write_params
+    from ..ros_harness import NODE_NAME, NodeMonitor, NodeProcess, RosHarness, write_params
 
     with tempfile.TemporaryDirectory(prefix="apr_node_bench_") as tmp_s:
         tmp = Path(tmp_s)
@@ -391,7 +391,7 @@ def run_node_bench(args: argparse.Namespace, env_changes: dict[str, str]) -> dic
             session.close()
         if code != 0:
             raise NodeBenchError(f"localizer_node exited with code {code} (log: {out_dir / 'node.log'})")
-    from .bench import machine_info
+    from .backends import machine_info
 
     return {
         "node": {
@@ -522,7 +522,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.flood_rate > 0 and args.flood_duration <= 0:
         parser.error("--flood-duration must be > 0")
 
-    from .ros_harness import HarnessError, ros_environment
+    from ..ros_harness import HarnessError, ros_environment
 
     try:
         with ros_environment(lambda text: print(f"apr-bench node: set {text}", file=sys.stderr)) as changes:

@@ -58,12 +58,11 @@ from apr_localizer.node_params import (
     NodeConfig,
     config_from_values,
     cross_check,
-    frame_id_problem,
     truncate,
     validate,
 )
-from apr_localizer.relocalize import Collector, MotionLimits, Sample, fuse, odom_speed, widen_covariance
-from apr_localizer.tf_buffer import TfBuffer, transform_msg_pose
+from apr_localizer.relocalize import Collector, MotionLimits, Sample, odom_speed, outcome, widen_covariance
+from apr_localizer.tf_buffer import TfBuffer
 
 __all__ = ["LocalizerNode", "main"]
 
@@ -395,20 +394,10 @@ class LocalizerNode(LifecycleNode):
         return self._gaps.lost(bytes(gid.get("data", b"")) if isinstance(gid, dict) else bytes(gid), int(seq))
 
     def _on_tf(self, msg: Any, static: bool = False) -> None:
-        """Feed the TF buffer; skip our own broadcasts and frame ids tf2 would not accept."""
+        """Feed the TF buffer, without our own map edges (another map parent is not part of the robot's tree)."""
         cfg = self.config
-        for tr in msg.transforms:
-            parent, child = tr.header.frame_id, tr.child_frame_id
-            if parent == cfg.map_frame and child in (cfg.odom_frame, cfg.base_frame, self._camera_frame_hint):
-                continue  # ours (or another localizer's map edge, which is not part of the robot's tree)
-            if len(parent) > 255 or len(child) > 255 or not parent or not child or parent == child:
-                continue
-            try:
-                pose = transform_msg_pose(tr.transform)  # raises ValueError for a zero/non-finite quaternion
-                if np.all(np.isfinite(pose)):
-                    self._tf.add_transform(parent, child, ros_convert.time_to_ns(tr.header.stamp), pose, static)
-            except (ValueError, OverflowError):
-                continue
+        own = {(cfg.map_frame, c) for c in (cfg.odom_frame, cfg.base_frame, self._camera_frame_hint)}
+        node_logic.feed_tf(self._tf, msg, static, own)
 
     def _on_camera_info(self, msg: CameraInfo) -> None:
         self._camera_info = (tuple(float(v) for v in msg.k), int(msg.width), int(msg.height))
@@ -434,29 +423,16 @@ class LocalizerNode(LifecycleNode):
         finally:
             with self._collector_lock:
                 self._collector = None
-        samples = collector.snapshot()
-        moving = f", {collector.rejected_moving} rejected while odom showed motion" if collector.rejected_moving else ""
-        if len(samples) < collector.n:
-            response.success = False
-            response.message = (
-                f"got {len(samples)} of {collector.n} confident estimates within {cfg.relocalize_timeout_s:g} s"
-                f"{moving}; nothing published"
+        fused, response.message = outcome(collector, cfg.relocalize_timeout_s, self._resolved(cfg.initialpose_topic))
+        response.success = fused is not None
+        if fused is not None:
+            cov = widen_covariance(self._covariance(cfg, fused.mean_confidence), fused)
+            stamp = ros_convert.ns_to_time(fused.stamp_ns)
+            self._pubs["initialpose"].publish(
+                ros_convert.pose_with_covariance_stamped(fused.pose, cov, fused.frame_id, stamp)
             )
-            return response
-        fused = fuse(samples)
-        cov = widen_covariance(self._covariance(cfg, fused.mean_confidence), fused)
-        stamp = ros_convert.ns_to_time(fused.stamp_ns)
-        msg = ros_convert.pose_with_covariance_stamped(fused.pose, cov, fused.frame_id, stamp)
-        self._pubs["initialpose"].publish(msg)
-        self._stats.add(relocalizations=1)
-        p = fused.pose
-        response.success = True
-        response.message = (
-            f"published {self._resolved(cfg.initialpose_topic)} from n={fused.n_used} of {len(samples)} "
-            f"estimates{moving}, scene {fused.scene}, spread {fused.position_spread_m:.3f} m / "
-            f"{fused.rotation_spread_deg:.2f} deg, position [{p[0]:.3f}, {p[1]:.3f}, {p[2]:.3f}]"
-        )
-        self.get_logger().info(response.message)
+            self._stats.add(relocalizations=1)
+            self.get_logger().info(response.message)
         return response
 
     # ------------------------------------------------------------------------------------ worker
@@ -487,28 +463,16 @@ class LocalizerNode(LifecycleNode):
         self._stats.fail(counter, reason)
         self.get_logger().warning(f"dropped an input image: {truncate(reason)}", throttle_duration_sec=_LOG_THROTTLE_S)
 
-    def _check_frame(self, msg: Any, received_ns: int, cfg: NodeConfig) -> tuple[Any, bool, str] | None:
-        """Stamp and frame checks: (stamp to use, stamp replaced?, camera frame) or None (rejected and counted)."""
-        stamp = msg.header.stamp
+    def _check_frame(self, msg: Any, received_ns: int, cfg: NodeConfig) -> node_logic.HeaderCheck | None:
+        """Header and camera_info checks (:func:`node_logic.check_header`); None when rejected (and counted)."""
+        h = msg.header
         now_ns = self.get_clock().now().nanoseconds
-        problem = node_logic.stamp_problem(stamp.sec, stamp.nanosec, now_ns, cfg.stamps_max_future_s, 0.0)
-        replaced = False
-        if problem is not None:
-            if cfg.stamps_invalid != "receive_time":
-                self._reject(problem)
-                return None
-            stamp, replaced = ros_convert.ns_to_time(received_ns), True
-            self._stats.add(stamps_replaced=1)
-        age_problem = node_logic.stamp_problem(stamp.sec, stamp.nanosec, now_ns, 3600.0, cfg.max_frame_age_s)
-        if age_problem is not None:
-            self._reject(f"{age_problem}; replaying a bag needs use_sim_time", counter="stale")
+        check = node_logic.check_header(h.stamp.sec, h.stamp.nanosec, h.frame_id, received_ns, now_ns, cfg)
+        if check.problem is not None:
+            self._reject(check.problem, check.counter)
             return None
-        frame = cfg.camera_frame or msg.header.frame_id
-        frame_problem = frame_id_problem(frame)
-        if frame_problem is not None:
-            self._reject(f"header.frame_id {truncate(repr(frame), 64)} {frame_problem} (or set camera_frame)")
-            return None
-        self._camera_frame_hint = frame
+        self._stats.add(stamps_replaced=int(check.replaced))
+        self._camera_frame_hint = check.frame
         if self._camera_info is not None and self._trained_camera is not None and cfg.camera_info_check != "off":
             k, w, h = self._camera_info
             mismatch = node_logic.intrinsics_mismatch(self._trained_camera, k, w, h, cfg.camera_info_tolerance)
@@ -517,7 +481,7 @@ class LocalizerNode(LifecycleNode):
                     self._reject(mismatch)
                     return None
                 self.get_logger().warning(mismatch, throttle_duration_sec=60.0)
-        return stamp, replaced, frame
+        return check
 
     def _process(self, data: bytes, msg_type: type, received: float, received_ns: int, cfg: NodeConfig) -> None:
         try:
@@ -526,10 +490,9 @@ class LocalizerNode(LifecycleNode):
             self._reject(f"cannot deserialize a {msg_type.__name__} message: {exc}")
             return
         del data
-        checked = self._check_frame(msg, received_ns, cfg)
-        if checked is None:
+        check = self._check_frame(msg, received_ns, cfg)
+        if check is None:
             return
-        stamp, replaced, camera_frame = checked
         try:
             rgb = ros_convert.msg_to_rgb(msg, cfg.max_image_pixels)
         except ImageDecodeError as exc:
@@ -552,15 +515,17 @@ class LocalizerNode(LifecycleNode):
         if cfg.allowed_scenes and est.scene_name not in cfg.allowed_scenes:
             self._stats.add(filtered_scene=1)
             return
-        self._publish_estimate(cfg, est, stamp, replaced, camera_frame, received)
+        self._publish_estimate(cfg, est, check, received)
 
-    def _publish_estimate(self, cfg: NodeConfig, est: Any, stamp: Any, replaced: bool, camera_frame: str, received):
+    def _publish_estimate(self, cfg: NodeConfig, est: Any, check: node_logic.HeaderCheck, received: float) -> None:
+        """Scene frame/alignment, base pose, publish pose + covariance (+ TF), feed relocalize and hints."""
+        stamp_ns, camera_frame = check.stamp_ns, check.frame
+        stamp = ros_convert.ns_to_time(stamp_ns)
         frame = cfg.scene_frames.get(est.scene_name, cfg.map_frame)
         align = cfg.scene_alignment.get(est.scene_name)
         map_t_camera = np.asarray(est.pose, dtype=np.float64)
         if align is not None:
             map_t_camera = geometry.pose_compose(align, map_t_camera)
-        stamp_ns = ros_convert.time_to_ns(stamp)
         map_t_base = None
         if cfg.output_pose == "base" or (cfg.publish_tf and cfg.tf_mode != "map_to_camera"):
             base_t_camera = self._extrinsic(cfg, camera_frame, stamp_ns)
@@ -571,7 +536,7 @@ class LocalizerNode(LifecycleNode):
         cov = self._covariance(cfg, est.confidence)
         self._pubs["pose"].publish(ros_convert.pose_stamped(tracked, frame, stamp))
         self._pubs["pose_cov"].publish(ros_convert.pose_with_covariance_stamped(tracked, cov, frame, stamp))
-        if cfg.publish_tf and not replaced and frame == cfg.map_frame and "tf" in self._pubs:
+        if cfg.publish_tf and not check.replaced and frame == cfg.map_frame and "tf" in self._pubs:
             self._publish_tf(cfg, stamp_ns, camera_frame, map_t_camera, map_t_base)
         with self._collector_lock:
             collector = self._collector
@@ -636,13 +601,7 @@ class LocalizerNode(LifecycleNode):
                     f"map -> odom not updated: {truncate(str(exc))}", throttle_duration_sec=_LOG_THROTTLE_S
                 )
                 return
-            opts = node_logic.FilterOptions(
-                cfg.tf_planar,
-                cfg.tf_jump_max_position_m,
-                cfg.tf_jump_max_yaw_deg,
-                cfg.tf_jump_accept_after,
-                cfg.tf_smoothing,
-            )
+            opts = node_logic.filter_options(cfg)
             with self._map_odom_lock:
                 if self._map_odom.update(geometry.map_to_odom(map_t_base, odom_t_base), opts) == "jump":
                     self._stats.add(jumps_rejected=1)

@@ -9,13 +9,14 @@ import collections
 import dataclasses
 import math
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from apr_localizer import geometry
-from apr_localizer.node_params import truncate
+from apr_localizer.node_params import NodeConfig, frame_id_problem, truncate
+from apr_localizer.tf_buffer import TfBuffer, transform_msg_pose
 
 __all__ = [
     "COUNTERS",
@@ -23,6 +24,10 @@ __all__ = [
     "Stats",
     "diagnostic_report",
     "FilterOptions",
+    "HeaderCheck",
+    "check_header",
+    "feed_tf",
+    "filter_options",
     "MapOdomFilter",
     "diagnostic_level",
     "intrinsics_mismatch",
@@ -51,6 +56,39 @@ def stamp_problem(sec: int, nanosec: int, now_ns: int, max_future_s: float, max_
     return None
 
 
+@dataclasses.dataclass(frozen=True)
+class HeaderCheck:
+    """Outcome of :func:`check_header`: the stamp to use (ns), whether it was replaced, the camera frame, or why not."""
+
+    stamp_ns: int = 0
+    replaced: bool = False
+    frame: str = ""
+    problem: str | None = None
+    counter: str = "rejected"  # the diagnostics counter of the problem
+
+
+def check_header(sec: int, nanosec: int, frame_id: str, received_ns: int, now_ns: int, cfg: NodeConfig) -> HeaderCheck:
+    """Check an image header's stamp, age and camera frame.
+
+    Zero/invalid/future stamps are rejected or, with ``stamps.invalid: receive_time``, replaced and flagged; the age
+    limit is ``max_frame_age_s``; the camera frame is ``camera_frame`` or ``header.frame_id``.
+    """
+    stamp_ns, replaced = sec * 1_000_000_000 + nanosec, False
+    problem = stamp_problem(sec, nanosec, now_ns, cfg.stamps_max_future_s, 0.0)
+    if problem is not None:
+        if cfg.stamps_invalid != "receive_time":
+            return HeaderCheck(problem=problem)
+        stamp_ns, replaced = received_ns, True
+    stale = stamp_problem(stamp_ns // 1_000_000_000, stamp_ns % 1_000_000_000, now_ns, 3600.0, cfg.max_frame_age_s)
+    if stale is not None:
+        return HeaderCheck(problem=f"{stale}; replaying a bag needs use_sim_time", counter="stale")
+    frame = cfg.camera_frame or frame_id
+    frame_problem = frame_id_problem(frame)
+    if frame_problem is not None:
+        return HeaderCheck(problem=f"header.frame_id {truncate(repr(frame), 64)} {frame_problem} (or set camera_frame)")
+    return HeaderCheck(stamp_ns, replaced, frame)
+
+
 # --------------------------------------------------------------------------------------------- planar poses
 def yaw_of(q_wxyz: Sequence[float] | np.ndarray) -> float:
     """Yaw (rad, about z) of a w-first quaternion."""
@@ -74,6 +112,31 @@ class FilterOptions:
     max_yaw_deg: float = 0.0
     accept_after: int = 3
     smoothing: float = 1.0
+
+
+def filter_options(cfg: NodeConfig) -> FilterOptions:
+    """Return the map -> odom filter settings of a parameter snapshot."""
+    return FilterOptions(
+        cfg.tf_planar, cfg.tf_jump_max_position_m, cfg.tf_jump_max_yaw_deg, cfg.tf_jump_accept_after, cfg.tf_smoothing
+    )
+
+
+def feed_tf(buffer: TfBuffer, msg: Any, static: bool, skip: Collection[tuple[str, str]]) -> None:
+    """Add a ``tf2_msgs/TFMessage`` to ``buffer``, skipping the ``(parent, child)`` edges in ``skip``.
+
+    Also skipped: what tf2 would not accept (empty or over-long frame ids, a frame its own parent, non-finite values).
+    """
+    for tr in msg.transforms:
+        parent, child = tr.header.frame_id, tr.child_frame_id
+        if (parent, child) in skip or not 0 < len(parent) <= 255 or not 0 < len(child) <= 255 or parent == child:
+            continue
+        try:
+            pose = transform_msg_pose(tr.transform)  # raises ValueError for a zero or non-finite quaternion
+            stamp_ns = int(tr.header.stamp.sec) * 1_000_000_000 + int(tr.header.stamp.nanosec)
+            if np.all(np.isfinite(pose)):
+                buffer.add_transform(parent, child, stamp_ns, pose, static)
+        except (ValueError, OverflowError):
+            continue
 
 
 class MapOdomFilter:

@@ -18,7 +18,7 @@ import numpy as np
 from apr_localizer import geometry
 from apr_localizer.tf_buffer import TfBuffer
 
-__all__ = ["Collector", "Fused", "MotionLimits", "Sample", "fuse", "odom_speed", "widen_covariance"]
+__all__ = ["Collector", "Fused", "MotionLimits", "Sample", "fuse", "odom_speed", "outcome", "widen_covariance"]
 
 
 @dataclasses.dataclass
@@ -141,3 +141,20 @@ def widen_covariance(covariance: np.ndarray, fused: Fused) -> np.ndarray:
     diag[:3] = np.maximum(diag[:3], fused.position_spread_m**2)
     diag[3:] = np.maximum(diag[3:], np.radians(fused.rotation_spread_deg) ** 2)
     return np.diag(diag).reshape(36)
+
+
+def outcome(collector: Collector, timeout_s: float, topic: str) -> tuple[Fused | None, str]:
+    """Return the fused pose of a finished collection (None when it fell short) and the one-sentence answer."""
+    samples = collector.snapshot()
+    moving = f", {collector.rejected_moving} rejected while odom showed motion" if collector.rejected_moving else ""
+    if len(samples) < collector.n:
+        return None, (
+            f"got {len(samples)} of {collector.n} confident estimates within {timeout_s:g} s{moving}; nothing published"
+        )
+    fused = fuse(samples)
+    p = fused.pose
+    return fused, (
+        f"published {topic} from n={fused.n_used} of {len(samples)} estimates{moving}, scene {fused.scene}, "
+        f"spread {fused.position_spread_m:.3f} m / {fused.rotation_spread_deg:.2f} deg, "
+        f"position [{p[0]:.3f}, {p[1]:.3f}, {p[2]:.3f}]"
+    )

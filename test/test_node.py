@@ -361,6 +361,42 @@ def test_bad_inputs_are_counted_and_the_node_keeps_localizing(main_node, harness
 
 
 @pytest.mark.ros
+def test_hostile_headers_are_rejected_truncated_and_never_reach_tf(main_node, harness, frames):
+    node, out = main_node
+    base = int(out.wait_diag(lambda d: True, "diagnostics")["rejected_messages"])
+    long_encoding = _raw_msg("x" * 65536, 64, 48, 64 * 3, 64 * 3 * 48)
+    long_frame = ros_convert.rgb_to_image(frames[0], stamp=_now(), frame_id="f" * 65536)
+    future = ros_convert.rgb_to_image(frames[0], stamp=ros_convert.ns_to_time(time.time_ns() + 3600 * 10**9))
+    zero = ros_convert.rgb_to_image(frames[0], stamp=Time(sec=0, nanosec=0), frame_id=CAMERA_FRAME)
+    for k, (msg, reason) in enumerate(
+        [(long_encoding, "not supported"), (long_frame, "header.frame_id"), (future, "future"), (zero, "zero")], 1
+    ):
+        out.image_pub.publish(msg)
+        d = out.wait_diag(lambda d, n=base + k: int(d["rejected_messages"]) >= n, f"rejection {k}")
+        assert reason in d["last_reject_reason"] and len(d["last_reject_reason"]) < 400, d["last_reject_reason"]
+        assert all(len(v) < 400 for v in d.values() if isinstance(v, str))
+    # stamps.invalid receive_time: the zero-stamped frame is localized with the receive time, flagged, never on TF
+    assert _set_param(harness, "stamps.invalid", "receive_time")[0]
+    try:
+        sent_ns = time.time_ns()
+        out.image_pub.publish(ros_convert.rgb_to_image(frames[0], stamp=Time(sec=0, nanosec=0), frame_id=CAMERA_FRAME))
+        d = out.wait_diag(lambda d: int(d["stamps_replaced"]) >= 1, "stamps_replaced")
+        pose = wait_until(
+            lambda: next(
+                (p for p in harness.snapshot(out.poses) if ros_convert.time_to_ns(p.header.stamp) >= sent_ns), None
+            ),
+            WAIT_S,
+            "the pose of the re-stamped frame",
+        )
+    finally:
+        assert _set_param(harness, "stamps.invalid", "reject")[0]
+    restamped = pose.header.stamp
+    assert not any(t.header.stamp == restamped for m in harness.snapshot(out.tfs) for t in m.transforms)
+    assert not any(len(t.child_frame_id) > 255 for m in harness.snapshot(out.tfs) for t in m.transforms)
+    assert node.alive()
+
+
+@pytest.mark.ros
 @pytest.mark.slow
 def test_flood_200hz_drops_are_counted_and_memory_stays_flat(main_node, harness, frames):
     import psutil

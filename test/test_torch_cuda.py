@@ -75,6 +75,9 @@ def test_cuda_graph_loop_matches_eager_full_pose(bundle, precision):
         a, b = graphs.run_steps(x, 3), eager.run_steps(x, 3)
         assert all(p.is_cuda and torch.isfinite(p).all() for p in a.poses)
         _compare(a, b, 1e-3, 0.05, 1e-3)
+        timed = graphs.run_steps(x, 3, timed=True)  # one graph per stage: every step's pose kept, not overwritten
+        _compare(timed, b, 1e-3, 0.05, 1e-3)
+        assert set(timed.timings_ms) >= {"apr", "step1", "step3"}
     assert ("steps", 3) in graphs._graphs  # one graph for the whole loop
 
 

@@ -138,12 +138,18 @@ class TorchBackend(Backend):
         return (*poses, scene, slp, lt, lr)
 
     def _call(self, key: tuple, fn, *args: torch.Tensor):
+        """``fn(*args)``, or a replay of its CUDA graph; replay outputs are copied out of the graph's static buffers.
+
+        Without the copy, the next replay would overwrite tensors the caller still holds (e.g. the pose of step k
+        while step k+1 runs from it).
+        """
         if not self.use_cuda_graphs:
             return fn(*args)
         g = self._graphs.get(key)
         if g is None or any(a.shape != b.shape for a, b in zip(args, g.inputs)):
             g = self._graphs[key] = _CudaGraph(fn, *args)
-        return g(*args)
+        out = g(*args)
+        return out.clone() if isinstance(out, torch.Tensor) else tuple(t.clone() for t in out)
 
     def _image(self, image: torch.Tensor) -> torch.Tensor:
         return image.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
@@ -180,7 +186,8 @@ class TorchBackend(Backend):
     ) -> Steps:
         """:meth:`Backend.run_steps`; with ``cuda_graphs`` (and not ``timed``) the whole loop is ONE graph replay.
 
-        The outputs are copied out of the graph's static buffers, so they stay valid after the next call.
+        The outputs are copied out of the graph's static buffers, so they stay valid after the next call. A ``timed``
+        run replays one graph per stage instead (stage timings need a synchronisation between the stages).
         """
         n = int(iterations)
         if not self.use_cuda_graphs or timed or n < 0 or (n > 0 and not self.has_refiner):
@@ -189,5 +196,4 @@ class TorchBackend(Backend):
         if scene_override is None:
             scene_override = torch.full((image.shape[0],), -1, dtype=torch.int64, device=image.device)
         out = self._call(("steps", n), lambda x, s: self._steps_body(x, s, n), image, scene_override.to(image.device))
-        out = [t.clone() for t in out]
         return Steps(out[: n + 1], out[n + 1], out[n + 2], out[n + 3], out[n + 4])

@@ -417,3 +417,54 @@ def test_a_signal_during_configure_aborts_it_and_a_second_one_exits_cleanly(tmp_
     assert "active: subscribed" not in text  # never activated
     assert "aborted by a signal" in text or "configured:" not in text  # the configure in progress was aborted
     assert "Traceback" not in text
+
+
+# --------------------------------------------------------------------------------------------- multi-scene frames
+def test_scene_frames_alignment_and_allowed_scenes(tmp_path, node_env, harness, checkpoint, frames, direct):
+    name, topic = "apr_scenes", "/scenes/image"
+    est = [direct.localize(f) for f in frames[:3]]
+    names = [e.scene_name for e in est]
+    assert len(set(names)) == 3, f"frames 0-2 should fall in three scenes, got {names}"
+    align_xyzw = [0.0, 0.0, np.sqrt(0.5), np.sqrt(0.5)]  # 90 degrees about z, then 1 2 3 m
+    params = _params(
+        checkpoint,
+        image_topic=topic,
+        output_pose="camera",  # no robot here: the camera pose, explicitly
+        base_frame="",
+        scenes={
+            "frames": f"{names[0]}:{names[0]}_map",
+            "alignment": f"{names[0]}: 1 2 3 " + " ".join(str(v) for v in align_xyzw),
+            "allowed": f"{names[0]}, {names[1]}",
+        },
+    )
+    params_file = write_params(tmp_path / "params.yaml", params, node_name=name)
+    poses = harness.subscribe(PoseStamped, f"/{name}/pose", RELIABLE)
+    diags = harness.subscribe(DiagnosticArray, "/diagnostics", 100)
+    image_pub = harness.publisher(Image, topic, RELIABLE)
+    node = NodeProcess(params_file, node_env, tmp_path / "node.log", extra_args=["-r", f"__node:={name}"])
+    try:
+        harness.wait_subscribers(image_pub, timeout=90.0)
+        stamps = []
+        for i in range(3):
+            stamps.append(_now())
+            image_pub.publish(ros_convert.rgb_to_image(frames[i], stamp=stamps[-1], frame_id="cam"))
+            if i < 2:
+                wait_until(lambda s=stamps[-1]: _with_stamp(harness.snapshot(poses), s), WAIT_S, f"pose {i}")
+        wait_until(
+            lambda: any((d := diag_values(m, name)) and int(d["filtered_scene"]) >= 1 for m in harness.snapshot(diags)),
+            WAIT_S,
+            "the third scene to be filtered",
+        )
+        first, second = (_with_stamp(harness.snapshot(poses), s) for s in stamps[:2])
+        align = np.r_[1.0, 2.0, 3.0, geometry.quat_from_ros(align_xyzw)]
+        assert first.header.frame_id == f"{names[0]}_map"
+        expected = geometry.pose_compose(align, est[0].pose)
+        np.testing.assert_allclose(ros_convert.pose_from_msg(first.pose)[:3], expected[:3], atol=1e-4)
+        assert geometry.rotation_error_deg(ros_convert.pose_from_msg(first.pose)[3:], expected[3:]) < 0.01
+        assert second.header.frame_id == "map"
+        np.testing.assert_allclose(ros_convert.pose_from_msg(second.pose)[:3], est[1].pose[:3], atol=1e-4)
+        assert _with_stamp(harness.snapshot(poses), stamps[2]) is None
+        assert node.alive()
+    finally:
+        code = node.stop()
+    assert code == 0, node.log()

@@ -88,8 +88,22 @@ def test_export_official_checkpoints_bundle_onnx_parity(models, tmp_path, capsys
 def test_export_bundle_with_calibration_images_and_tensorrt_rtx(models, tmp_path, capsys):
     labels = _frames(tmp_path / "data")
     out = tmp_path / "deploy"
-    argv = ["--model", str(models["bundle"]), "--out", str(out), "--parity-images", "1", "--threads", "2",
-            "--calibration-labels", str(labels), "--data", str(tmp_path / "data"), "--calibration-count", "2"]
+    argv = [
+        "--model",
+        str(models["bundle"]),
+        "--out",
+        str(out),
+        "--parity-images",
+        "1",
+        "--threads",
+        "2",
+        "--calibration-labels",
+        str(labels),
+        "--data",
+        str(tmp_path / "data"),
+        "--calibration-count",
+        "2",
+    ]
     try:
         import tensorrt_rtx
 
@@ -108,6 +122,32 @@ def test_export_bundle_with_calibration_images_and_tensorrt_rtx(models, tmp_path
             assert e["tensorrt_module"] == "tensorrt_rtx" and e["precision"] == "fp32"
             assert (out / e["file"]).stat().st_size == e["bytes"] > 0
     assert "Parity torch vs ONNX Runtime" in capsys.readouterr().out
+
+
+def test_export_builds_each_tensorrt_engine_once_on_the_target(models, tmp_path, monkeypatch, capsys):
+    """TensorRT 10.x generation (fake module, fake GPU): one build per graph, into the node's engine cache."""
+    import sys
+
+    import torch
+    from fake_tensorrt import HostDevice, make_fake_tensorrt
+
+    from apr_localizer.backends import tensorrt_backend
+
+    trt = make_fake_tensorrt("10")
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(tensorrt_backend, "cuda_device", lambda d: HostDevice(torch.device("cpu"), "Fake Orin", (8, 7)))
+    out = tmp_path / "deploy"
+    argv = ["--model", str(models["bundle"]), "--out", str(out), "--parity-images", "1", "--threads", "2",
+            "--tensorrt", "--precision", "fp16"]  # fmt: skip
+    assert export_main(argv) == 0
+    info = json.loads((out / "export.json").read_text())
+    assert trt.stats["builds"] == 2 and info["node_engine_cache"] == str(out / "engines")
+    cached = {json.loads(p.read_text())["graph"]: p.with_suffix(".engine") for p in (out / "engines").glob("*.json")}
+    for graph, prec in (("apr", "fp16"), ("refine", "fp32")):
+        assert info["tensorrt"][graph]["file"] == f"tensorrt/{graph}.{prec}.engine"
+        assert (out / "tensorrt" / f"{graph}.{prec}.engine").samefile(cached[graph])  # linked, not rebuilt
+    assert "TensorRT engines for this GPU cached in" in capsys.readouterr().out
 
 
 def test_export_bad_input(models, tmp_path, capsys):

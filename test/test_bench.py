@@ -7,8 +7,10 @@ import subprocess
 import sys
 
 import pytest
+from model_fixtures import random_iapr, random_ms_transformer
 
-from apr_training.bench.backends import summarize
+from apr_localizer.checkpoints import DEFAULT_PREPROCESS, ModelBundle
+from apr_training.bench.backends import bench_backend, input_size, summarize
 
 
 def test_summarize():
@@ -17,13 +19,44 @@ def test_summarize():
     assert summarize([]) == {"n": 0}
 
 
+def test_backend_bench_takes_the_input_size_from_the_bundle():
+    # the demo model is exported at 128 px: the benchmark must feed what the bundle's graphs take, not 224 px
+    apr = random_ms_transformer(seed=3)
+    bundle = ModelBundle(apr, random_iapr(seed=4, mstransformer=apr), preprocess={**DEFAULT_PREPROCESS, "crop": 96})
+    assert input_size(bundle) == 96 and input_size(ModelBundle(apr)) == 224
+    res = bench_backend(bundle, "torch", "fp32", "cpu", 1, 2, runs=2, rounds=1, warmup=0, threads=1,
+                        seed_loop=False, cache_dir=None)  # fmt: skip
+    assert {"apr graph", "iapr iteration", "apr + 2 iapr"} <= set(res["stages"])
+    assert res["stages"]["apr + 2 iapr"]["n"] == 2
+
+
 @pytest.mark.slow
 def test_apr_bench_json_on_cpu(tmp_path):
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, "-m", "apr_training.bench.backends", "--arch", "small",
-           "--backends", "torch,onnxruntime,tensorrt",
-           "--runs", "2", "--rounds", "1", "--warmup", "1", "--iterations", "2", "--threads", "1", "--profile",
-           "--cache-dir", str(tmp_path / "cache"), "--json", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "apr_training.cli.bench",
+        "--arch",
+        "small",
+        "--backends",
+        "torch,onnxruntime,tensorrt",
+        "--runs",
+        "2",
+        "--rounds",
+        "1",
+        "--warmup",
+        "1",
+        "--iterations",
+        "2",
+        "--threads",
+        "1",
+        "--profile",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--json",
+        str(out),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())

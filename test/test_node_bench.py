@@ -49,7 +49,7 @@ PHASE_KEYS = {
 
 
 def test_cli_rejects_bad_rates():
-    from apr_training.bench.node import main
+    from apr_training.cli.bench_node import main
 
     with pytest.raises(SystemExit):
         main(["--rates", "15,fast"])
@@ -62,7 +62,7 @@ def test_cli_rejects_bad_rates():
 def test_short_node_bench_writes_every_field(tmp_path, reference_dir, ros_env):
     out = tmp_path / "node_bench.json"
     logs = tmp_path / "logs"
-    cmd = [sys.executable, "-m", "apr_training.bench.node", "--model", str(reference_dir / CHECKPOINT),
+    cmd = [sys.executable, "-m", "apr_training.cli.bench_node", "--model", str(reference_dir / CHECKPOINT),
            "--rates", "15", "--duration", "3", "--flood-rate", "40", "--flood-duration", "2", "--warmup", "0",
            "--backend", "torch", "--device", "cpu", "--threads", "1", "--backend-runs", "3",
            "--log-dir", str(logs), "--json", str(out)]  # fmt: skip

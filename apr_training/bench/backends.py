@@ -10,16 +10,13 @@ shape (the full MS-Transformer re-run in every iAPR iteration) on the same backe
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
-import os
-import platform
 import resource
 import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +30,9 @@ from apr_localizer.localizer import Localizer, LocalizerOptions
 from apr_localizer.models import IAPRConfig, MSTransformerConfig, build_iapr, build_ms_transformer, calibrate_batchnorm
 from apr_localizer.preprocess import PreprocessConfig, preprocess
 
-__all__ = ["build_random_bundle", "main", "run_benchmark", "summarize"]
+from .machine import cpu_peak_gflops, machine_info, physical_cores, time_runs
+
+__all__ = ["ARCHS", "BenchOptions", "build_random_bundle", "format_table", "input_size", "run_benchmark", "summarize"]
 
 log = logging.getLogger("apr_bench")
 
@@ -63,16 +62,6 @@ def summarize(samples_ms: Sequence[float]) -> dict[str, float]:
     }
 
 
-def _time(fn: Callable[[], Any], runs: int, sync: Callable[[], None]) -> list[float]:
-    out = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        out.append((time.perf_counter() - t0) * 1e3)
-    return out
-
-
 def _interleaved(variants: dict[str, Callable[[], Any]], runs: int, rounds: int, warmup: int, sync) -> dict:
     """Time each variant in ``rounds`` interleaved rounds; return all samples and the best round's median."""
     for fn in variants.values():
@@ -84,7 +73,7 @@ def _interleaved(variants: dict[str, Callable[[], Any]], runs: int, rounds: int,
     per_round = max(1, runs // rounds)
     for _ in range(rounds):
         for k, fn in variants.items():
-            s = _time(fn, per_round, sync)
+            s = time_runs(fn, per_round, sync)
             samples[k] += s
             round_medians[k].append(statistics.median(s))
     return {k: {**summarize(samples[k]), "best_round_median": min(round_medians[k])} for k in variants}
@@ -108,65 +97,16 @@ def build_random_bundle(arch: str = "published", seed: int = 0) -> ModelBundle:
     return ModelBundle(apr=apr, iapr=iapr, provenance={"benchmark": f"random weights, architecture {arch}"})
 
 
-# ------------------------------------------------------------------------------------------------ machine facts
-def machine_info() -> dict[str, Any]:
-    """CPU, GPU and library versions for the report header."""
-    info: dict[str, Any] = {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu": _cpu_model(),
-        "logical_cpus": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "numpy": np.__version__,
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }
-    for mod in ("torchvision", "onnxruntime", "onnx", "tensorrt", "tensorrt_rtx", "cv2"):
-        try:
-            info[mod] = __import__(mod).__version__
-        except Exception:  # not installed (or its native library is missing)
-            info[mod] = None
-    return info
+def input_size(bundle: ModelBundle) -> int:
+    """Return the square input size of the bundle's graphs (its preprocessing crop; the demo model's is 128 px)."""
+    return int(bundle.preprocess.get("crop", 224))
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def cpu_peak_gflops(threads: int, size: int = 1536, runs: int = 8) -> dict[str, float | None]:
-    """Practical peak: fp32 GEMM GFLOP/s with ``threads`` threads; theoretical: FMA width × cores × clock."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        a, b = torch.randn(size, size), torch.randn(size, size)
-        for _ in range(2):
-            a @ b
-        best = min(_time(lambda: a @ b, runs, lambda: None))
-    finally:
-        torch.set_num_threads(prev)
-    theoretical = None
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        mhz = max(float(line.split(":")[1]) for line in text.splitlines() if line.startswith("cpu MHz"))
-        flags = next(line for line in text.splitlines() if line.startswith("flags"))
-        # fp32 FLOP per cycle per core: two FMA pipes × lanes × 2 (AVX-512: 16 lanes, AVX2: 8 lanes)
-        lanes = 16 if " avx512f" in flags else 8 if " avx2" in flags else 4
-        theoretical = threads * mhz * 1e6 * 2 * lanes * 2 / 1e9
-    except (OSError, StopIteration, ValueError):
-        pass
-    return {"gemm_gflops": 2 * size**3 / (best * 1e-3) / 1e9, "theoretical_gflops": theoretical}
-
-
-def count_apr_flops(bundle: ModelBundle, size: int = 224) -> float:
+def count_apr_flops(bundle: ModelBundle, size: int | None = None) -> float:
     """FLOPs of one APR forward at batch 1 (torch's flop counter: matmuls and convolutions)."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    size = input_size(bundle) if size is None else size
     counter = FlopCounterMode(display=False)
     params = [p for p in bundle.apr.parameters() if p.requires_grad]
     for p in params:  # the counter's module tracker trips over parameters that require grad under no_grad
@@ -187,7 +127,8 @@ def profile_torch_apr(bundle: ModelBundle, top: int = 12) -> list[dict[str, Any]
     from apr_localizer.backends.torch_backend import TorchBackend
 
     apr = TorchBackend(bundle, BackendOptions(device="cpu")).apr  # what the torch backend runs: BN folded etc.
-    x = torch.zeros(1, 3, 224, 224).contiguous(memory_format=torch.channels_last)
+    size = input_size(bundle)
+    x = torch.zeros(1, 3, size, size).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         for _ in range(2):
             apr(x)
@@ -197,8 +138,12 @@ def profile_torch_apr(bundle: ModelBundle, top: int = 12) -> list[dict[str, Any]
     rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
     total = sum(e.self_cpu_time_total for e in prof.key_averages()) or 1.0
     return [
-        {"op": e.key, "self_ms_per_run": e.self_cpu_time_total / 1e3 / 3, "share": e.self_cpu_time_total / total,
-         "calls_per_run": e.count / 3}
+        {
+            "op": e.key,
+            "self_ms_per_run": e.self_cpu_time_total / 1e3 / 3,
+            "share": e.self_cpu_time_total / total,
+            "calls_per_run": e.count / 3,
+        }
         for e in rows
     ]
 
@@ -247,7 +192,8 @@ def bench_backend(
     sync = _sync_for(str(be.device))
     if str(be.device).startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(1)).to(be.device)
+    size = input_size(bundle)
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1)).to(be.device)
     out = be.run_apr(x)
     scene, pose = out["scene"], out["pose"]
     lt, lr = out["latent_t"], out["latent_rot"]
@@ -255,20 +201,16 @@ def bench_backend(
         lt, lr = be.run_encoder(x, scene)
 
     def refine_loop() -> torch.Tensor:
-        p = be.run_apr(x)["pose"]
-        a, b = (lt, lr)
-        if be.needs_encoder:
-            a, b = be.run_encoder(x, scene)
-        for _ in range(iterations):
-            p = be.run_refine(a, b, p, scene)
-        return p
+        return be.run_steps(x, iterations).pose  # THE inference loop (APR once, N refinement steps)
 
     def seed_style_loop() -> torch.Tensor:
         """Run the original loop shape: every iteration re-runs the full MS-Transformer (scene forced)."""
         p = be.run_apr(x)["pose"]
         for _ in range(iterations):
-            o = be.run_encoder(x, scene) if be.needs_encoder else (lambda r: (r["latent_t"], r["latent_rot"]))(
-                be.run_apr(x, scene)
+            o = (
+                be.run_encoder(x, scene)
+                if be.needs_encoder
+                else (lambda r: (r["latent_t"], r["latent_rot"]))(be.run_apr(x, scene))
             )
             p = be.run_refine(o[0], o[1], p, scene)
         return p
@@ -301,11 +243,15 @@ def bench_backend(
     return result
 
 
-def bench_end_to_end(bundle: ModelBundle, backend: str, device: str, iterations: int, runs: int, threads: int,
-                     cache_dir: Path | None) -> dict[str, Any]:
+def bench_end_to_end(
+    bundle: ModelBundle, backend: str, device: str, iterations: int, runs: int, threads: int, cache_dir: Path | None
+) -> dict[str, Any]:
     """Time Localizer.localize on a 640x480 RGB frame: its own per-stage timings (decode … postprocess)."""
     opts = LocalizerOptions(
-        backend=backend, device=device, iapr_iterations=iterations, threads=threads,
+        backend=backend,
+        device=device,
+        iapr_iterations=iterations,
+        threads=threads,
         cache_dir=str(cache_dir) if cache_dir else None,
     )
     loc = Localizer(bundle, opts)
@@ -328,9 +274,34 @@ def _available_backends(requested: list[str]) -> list[str]:
     return [b for b in requested if b in BACKENDS]
 
 
-def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
-    """Run everything the arguments ask for and return one JSON-serialisable report."""
-    threads = args.threads or _physical_cores()
+@dataclass
+class BenchOptions:
+    """What :func:`run_benchmark` measures (the ``apr-bench`` options)."""
+
+    model: str | None = None
+    iapr: str | None = None
+    pae: str | None = None
+    arch: str = "published"
+    backends: list[str] = field(default_factory=lambda: list(BACKENDS))
+    precisions: list[str] = field(default_factory=lambda: ["fp32"])
+    batch_sizes: list[int] = field(default_factory=lambda: [1])
+    device: str = "auto"
+    iterations: int = 3
+    runs: int = 30
+    rounds: int = 3
+    warmup: int = 3
+    threads: int = 0
+    seed_loop: bool = True
+    end_to_end: bool = True
+    flops: bool = True
+    profile: bool = False
+    cache_dir: str | None = None
+    argv: list[str] = field(default_factory=list)
+
+
+def run_benchmark(args: BenchOptions) -> dict[str, Any]:
+    """Run everything the options ask for and return one JSON-serialisable report."""
+    threads = args.threads or physical_cores()
     torch.set_num_threads(threads)
     if args.model:
         bundle = load_bundle(args.model, args.iapr, args.pae)
@@ -343,6 +314,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "machine": machine_info(),
         "model": model_desc,
         "model_config": bundle.apr.config.to_dict(),
+        "input_size": input_size(bundle),
         "iterations": args.iterations,
         "threads": threads,
         "runs": args.runs,
@@ -356,12 +328,25 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         for precision in args.precisions:
             for batch in args.batch_sizes:
                 try:
-                    res = bench_backend(bundle, backend, precision, args.device, batch, args.iterations, args.runs,
-                                        args.rounds, args.warmup, threads, args.seed_loop, cache_dir)
+                    res = bench_backend(
+                        bundle,
+                        backend,
+                        precision,
+                        args.device,
+                        batch,
+                        args.iterations,
+                        args.runs,
+                        args.rounds,
+                        args.warmup,
+                        threads,
+                        args.seed_loop,
+                        cache_dir,
+                    )
                 except (BackendError, ImportError, RuntimeError) as e:
                     msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-                    report["skipped"].append({"backend": backend, "precision": precision, "batch": batch,
-                                              "reason": msg})
+                    report["skipped"].append(
+                        {"backend": backend, "precision": precision, "batch": batch, "reason": msg}
+                    )
                     log.info("skipped %s/%s/batch %d: %s", backend, precision, batch, msg)
                     continue
                 report["results"].append(res)
@@ -405,12 +390,6 @@ def _cross_backend_ratios(results: list[dict[str, Any]]) -> dict[str, float]:
     return out
 
 
-def _physical_cores() -> int:
-    from apr_localizer.backends.torch_backend import physical_cores
-
-    return physical_cores()
-
-
 # ------------------------------------------------------------------------------------------------ output
 def _print_progress(res: dict[str, Any]) -> None:
     print(f"  done: {res['backend']}/{res['device']}/{res['precision']}/batch {res['batch']}", file=sys.stderr)
@@ -418,15 +397,23 @@ def _print_progress(res: dict[str, Any]) -> None:
 
 def format_table(report: dict[str, Any]) -> str:
     """Plain-text tables: decode/preprocess, per-backend stages, ratios, efficiency."""
-    lines = [f"apr-bench — {report['machine']['cpu']}, {report['threads']} threads, torch {report['machine']['torch']},"
-             f" onnxruntime {report['machine'].get('onnxruntime')}, model: {report['model']}", ""]
+    lines = [
+        f"apr-bench — {report['machine']['cpu']}, {report['threads']} threads, torch {report['machine']['torch']},"
+        f" onnxruntime {report['machine'].get('onnxruntime')}, model: {report['model']}, input "
+        f"{report['input_size']} px",
+        "",
+    ]
     hdr = f"{'stage':58s} {'median':>9s} {'p90':>9s} {'p99':>9s} {'best rnd':>9s}"
     lines += ["decode + preprocess (640x480, ms)", hdr]
     for k, s in report["decode_preprocess"].items():
         lines.append(f"{k:58s} {s['median']:9.3f} {s['p90']:9.3f} {s['p99']:9.3f} {s['best_round_median']:9.3f}")
     for res in report["results"]:
-        lines += ["", f"{res['backend']} on {res['device']}, {res['precision']}, batch {res['batch']} "
-                  f"(setup {res['setup_s']:.1f} s, {res['throughput_img_s']:.1f} img/s APR)", hdr]
+        lines += [
+            "",
+            f"{res['backend']} on {res['device']}, {res['precision']}, batch {res['batch']} "
+            f"(setup {res['setup_s']:.1f} s, {res['throughput_img_s']:.1f} img/s APR)",
+            hdr,
+        ]
         for k, s in res["stages"].items():
             lines.append(f"{k:58s} {s['median']:9.2f} {s['p90']:9.2f} {s['p99']:9.2f} {s['best_round_median']:9.2f}")
         if "ratio_vs_seed_loop" in res:
@@ -442,62 +429,11 @@ def format_table(report: dict[str, Any]) -> str:
         lines += [f"  {k}: {v:.3f}" if isinstance(v, float) else f"  {k}: {v}" for k, v in report["efficiency"].items()]
     if report.get("profile_torch_apr"):
         lines += ["", "top torch operators in the APR graph (self time per run)"]
-        lines += [f"  {r['op']:40s} {r['self_ms_per_run']:8.2f} ms {100 * r['share']:5.1f} %"
-                  for r in report["profile_torch_apr"]]
+        lines += [
+            f"  {r['op']:40s} {r['self_ms_per_run']:8.2f} ms {100 * r['share']:5.1f} %"
+            for r in report["profile_torch_apr"]
+        ]
     for s in report["skipped"]:
         lines.append(f"skipped {s}")
     lines.append(f"peak RSS {report['peak_rss_mb']:.0f} MB")
     return "\n".join(lines)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="apr-bench",
-        description="Measure per-stage latency (median/p90/p99), throughput, memory and compute efficiency of the "
-        "localizer on every available backend. Without --model a random-weight model of the published architecture "
-        "is used (its costs equal a trained model's).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--model", help="our .safetensors bundle or an official APR checkpoint (default: random weights)")
-    p.add_argument("--iapr", help="official iAPR checkpoint (with an official --model)")
-    p.add_argument("--pae", help="official PAE checkpoint")
-    p.add_argument("--arch", choices=sorted(ARCHS), default="published", help="architecture of the random model")
-    p.add_argument("--backends", default="torch,onnxruntime,tensorrt", help="comma list; unavailable ones are skipped")
-    p.add_argument("--precisions", default="fp32", help="comma list of fp32, fp16, bf16, int8")
-    p.add_argument("--batch-sizes", default="1", help="comma list, e.g. 1,4")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--iterations", type=int, default=3, help="iAPR iterations per frame")
-    p.add_argument("--runs", type=int, default=30, help="timed runs per variant (split over --rounds)")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (robust to background load)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed runs per variant before timing")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = physical cores)")
-    p.add_argument("--no-seed-loop", dest="seed_loop", action="store_false",
-                   help="skip the original loop shape (full MS-Transformer per iAPR iteration)")
-    p.add_argument("--no-end-to-end", dest="end_to_end", action="store_false", help="skip Localizer.localize timing")
-    p.add_argument("--no-flops", dest="flops", action="store_false", help="skip the FLOP count / peak estimate")
-    p.add_argument("--profile", action="store_true", help="top torch operators of the APR graph")
-    p.add_argument("--cache-dir", help="where ONNX exports / TensorRT engines are cached")
-    p.add_argument("--json", help="write the full report as JSON here")
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``apr-bench``."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    args.argv = argv
-    args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    args.precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
-    args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    report = run_benchmark(args)
-    print(format_table(report))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2, default=str))
-        print(f"wrote {args.json}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -44,14 +44,42 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["build_parser", "format_table", "main", "run_node_bench"]
+__all__ = ["NodeBenchError", "NodeBenchOptions", "format_table", "json_safe", "run_node_bench"]
 
 DEFAULT_TOPIC = "/apr_bench/image_raw"
+
+
+@dataclass
+class NodeBenchOptions:
+    """What :func:`run_node_bench` measures (the ``apr-bench node`` options)."""
+
+    model: str | None = None
+    arch: str = "published"
+    rates: list[float] = field(default_factory=lambda: [15.0, 30.0])
+    duration: float = 20.0
+    flood_rate: float = 100.0
+    flood_duration: float = 120.0
+    warmup: float = 2.0
+    width: int = 640
+    height: int = 480
+    topic: str = DEFAULT_TOPIC
+    backend: str = "auto"
+    device: str = "auto"
+    precision: str = "fp32"
+    threads: int = 0
+    iterations: int | None = None
+    cache_dir: str | None = None
+    backend_runs: int = 20
+    settle: float = 2.0
+    startup_timeout: float = 180.0
+    log_dir: str | None = None
+    argv: list[str] = field(default_factory=list)
 
 
 class NodeBenchError(RuntimeError):
@@ -139,7 +167,7 @@ def _stats(values: Sequence[float]) -> dict[str, float]:
 
 
 # ================================================================================================ the benchmark
-def _resolve_model(args: argparse.Namespace, tmp: Path) -> tuple[Path, str]:
+def _resolve_model(args: NodeBenchOptions, tmp: Path) -> tuple[Path, str]:
     if args.model:
         path = Path(args.model)
         if not path.is_file():
@@ -155,7 +183,7 @@ def _resolve_model(args: argparse.Namespace, tmp: Path) -> tuple[Path, str]:
     return path, f"random weights, {args.arch} architecture"
 
 
-def _backend_time(model: Path, args: argparse.Namespace, runs: int) -> dict[str, Any]:
+def _backend_time(model: Path, args: NodeBenchOptions, runs: int) -> dict[str, Any]:
     """``Localizer.localize`` on the benchmark frame in this process, with the node's backend options."""
     from apr_localizer.localizer import Localizer, LocalizerOptions
 
@@ -204,7 +232,7 @@ def _run_phase(
     name: str,
     rate: float,
     duration: float,
-    args: argparse.Namespace,
+    args: NodeBenchOptions,
     monitor: Any,
     node: Any,
     node_ps: Any,
@@ -325,7 +353,7 @@ def _run_phase(
     }
 
 
-def run_node_bench(args: argparse.Namespace, env_changes: dict[str, str]) -> dict[str, Any]:
+def run_node_bench(args: NodeBenchOptions, env_changes: dict[str, str]) -> dict[str, Any]:
     """Run every phase and return the ``{"node": {...}}`` report."""
     import psutil
 
@@ -391,7 +419,7 @@ def run_node_bench(args: argparse.Namespace, env_changes: dict[str, str]) -> dic
             session.close()
         if code != 0:
             raise NodeBenchError(f"localizer_node exited with code {code} (log: {out_dir / 'node.log'})")
-    from .backends import machine_info
+    from .machine import machine_info
 
     return {
         "node": {
@@ -422,12 +450,12 @@ def run_node_bench(args: argparse.Namespace, env_changes: dict[str, str]) -> dic
 
 
 # ================================================================================================ output
-def _json_safe(obj: Any) -> Any:
+def json_safe(obj: Any) -> Any:
     """Nested dicts/lists with NaN/inf as None and numpy scalars as Python numbers (strict JSON)."""
     if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
+        return {str(k): json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
+        return [json_safe(v) for v in obj]
     if isinstance(obj, (np.integer,)):
         return int(obj)
     if isinstance(obj, (float, np.floating)):
@@ -473,73 +501,5 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="apr-bench node",
-        description="End-to-end benchmark of the localizer node: a publisher process sends images at fixed rates, "
-        "the node localizes them, this process receives the poses. Reports latency percentiles, node overhead, "
-        "drops, CPU and memory per rate.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--model", help="model file for the node (default: random weights of --arch in a temp file)")
-    p.add_argument("--arch", default="published", help="architecture of the random model (see apr-bench --arch)")
-    p.add_argument("--rates", default="15,30", help="comma list of publishing rates (Hz)")
-    p.add_argument("--duration", type=float, default=20.0, help="seconds per rate")
-    p.add_argument("--flood-rate", type=float, default=100.0, help="flood phase rate (Hz); 0 = no flood phase")
-    p.add_argument("--flood-duration", type=float, default=120.0, help="seconds of the flood phase (RSS growth)")
-    p.add_argument("--warmup", type=float, default=2.0, help="seconds of an unreported 5 Hz phase first (0 = none)")
-    p.add_argument("--width", type=int, default=640)
-    p.add_argument("--height", type=int, default=480)
-    p.add_argument("--topic", default=DEFAULT_TOPIC, help="image topic between publisher and node")
-    p.add_argument("--backend", default="auto", help="node backend: auto | torch | onnxruntime | tensorrt")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--precision", default="fp32", help="fp32 | fp16 | bf16 | int8")
-    p.add_argument("--threads", type=int, default=0, help="node inference threads (0 = engine default)")
-    p.add_argument("--iterations", type=int, help="node iapr_iterations (default: the node's default, 3)")
-    p.add_argument("--cache-dir", help="engine cache directory of the node")
-    p.add_argument("--backend-runs", type=int, default=20, help="in-process Localizer runs for the backend time")
-    p.add_argument("--settle", type=float, default=2.0, help="end a phase when no pose arrived for this long")
-    p.add_argument("--startup-timeout", type=float, default=180.0, help="seconds for the node to become active")
-    p.add_argument("--log-dir", help="keep node.log and node_params.yaml here (default: a temp dir)")
-    p.add_argument("--json", help="write the report here as JSON")
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``apr-bench node``; returns the exit status (0 ok, 2 bad input or failure, 130 interrupted)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "_publisher":
-        return _publisher_main(argv[1:])
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    args.argv = argv
-    try:
-        args.rates = [float(r) for r in args.rates.split(",") if r.strip()]
-    except ValueError:
-        parser.error(f"--rates must be a comma list of numbers, got {args.rates!r}")
-    if any(r <= 0 for r in args.rates) or args.duration <= 0 or args.flood_rate < 0:
-        parser.error("rates and durations must be > 0 (--flood-rate 0 disables the flood)")
-    if args.flood_rate > 0 and args.flood_duration <= 0:
-        parser.error("--flood-duration must be > 0")
-
-    from ..ros_harness import HarnessError, ros_environment
-
-    try:
-        with ros_environment(lambda text: print(f"apr-bench node: set {text}", file=sys.stderr)) as changes:
-            report = run_node_bench(args, changes)
-    except (NodeBenchError, HarnessError) as exc:
-        print(f"apr-bench node: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("apr-bench node: interrupted; the node was stopped", file=sys.stderr)
-        return 130
-    print(format_table(report))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(_json_safe(report), indent=2, allow_nan=False) + "\n")
-        print(f"wrote {args.json}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # the publisher subprocess
+    sys.exit(_publisher_main(sys.argv[2:] if sys.argv[1:2] == ["_publisher"] else sys.argv[1:]))

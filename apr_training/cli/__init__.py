@@ -1,8 +1,8 @@
 """Console scripts of apr_training: one module per command, imported lazily by the entry points below.
 
 ``apr-train`` (:mod:`apr_training.train.cli`), ``apr-eval`` (:mod:`.eval`), ``apr-export``
-(:mod:`apr_training.export_cli`), ``apr-bench`` (:mod:`apr_training.bench.backends`; ``apr-bench node`` →
-:mod:`apr_training.bench.node`), ``apr-synth`` (:mod:`apr_training.synthetic.cli`), ``apr-eval-bag``
+(:mod:`apr_training.export_cli`), ``apr-bench`` (:mod:`.bench`; ``apr-bench node`` →
+:mod:`.bench_node`), ``apr-synth`` (:mod:`apr_training.synthetic.cli`), ``apr-eval-bag``
 (:mod:`.eval_bag`); ``python -m apr_training.cli.bag_player`` plays a bag. Shared argparse groups and the
 error-to-exit-code helper live in :mod:`.args`. Nothing else imports this package.
 """
@@ -17,8 +17,7 @@ _COMMANDS = {
     "train": ("apr_training.train.cli", "main"),
     "eval": ("apr_training.cli.eval", "main"),
     "export": ("apr_training.export_cli", "main"),
-    "bench": ("apr_training.bench.backends", "main"),
-    "bench_node": ("apr_training.bench.node", "main"),
+    "bench": ("apr_training.cli.bench", "main"),
     "synth": ("apr_training.synthetic.cli", "synth_main"),
     "eval_bag": ("apr_training.cli.eval_bag", "main"),
 }
@@ -46,8 +45,7 @@ def export_main(argv: Sequence[str] | None = None) -> int:
 
 def bench_main(argv: Sequence[str] | None = None) -> int:
     """``apr-bench``: per-stage latency, throughput and memory for every available backend (``node``: end to end)."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    return _run("bench_node", args[1:]) if args[:1] == ["node"] else _run("bench", args)
+    return _run("bench", argv)
 
 
 def synth_main(argv: Sequence[str] | None = None) -> int:

@@ -13,9 +13,9 @@ from apr_localizer import geometry
 from apr_localizer.imaging import decode_compressed, encode_compressed
 from apr_training.bags import io as bagio
 from apr_training.bags.ground_truth import parse_spec
+from apr_training.cli.synth import synth_main
 from apr_training.datasets.from_bag import ExtractError, extract_dataset
 from apr_training.datasets.labels import read_labels
-from apr_training.synthetic.cli import synth_main
 from apr_training.synthetic.render import Intrinsics
 from apr_training.synthetic.writer import LABEL_COLUMNS, make_sequence_trajectory, render_sequence
 

@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from apr_localizer import geometry
+from apr_training.cli.synth import synth_main
 from apr_training.synthetic import scenes as scenes_mod
-from apr_training.synthetic.cli import synth_main
 from apr_training.synthetic.render import Intrinsics, project_points, render_buffers, render_frame
 from apr_training.synthetic.scenes import SCENE_STYLES, Lighting, make_scene, vary_lighting
 from apr_training.synthetic.trajectory import TrajectoryParams, camera_rotation, sequence_trajectory

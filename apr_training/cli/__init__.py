@@ -2,7 +2,7 @@
 
 ``apr-train`` (:mod:`apr_training.train.cli`), ``apr-eval`` (:mod:`.eval`), ``apr-export``
 (:mod:`apr_training.export_cli`), ``apr-bench`` (:mod:`.bench`; ``apr-bench node`` →
-:mod:`.bench_node`), ``apr-synth`` (:mod:`apr_training.synthetic.cli`), ``apr-eval-bag``
+:mod:`.bench_node`), ``apr-synth`` (:mod:`.synth`), ``apr-eval-bag``
 (:mod:`.eval_bag`); ``python -m apr_training.cli.bag_player`` plays a bag. Shared argparse groups and the
 error-to-exit-code helper live in :mod:`.args`. Nothing else imports this package.
 """
@@ -18,7 +18,7 @@ _COMMANDS = {
     "eval": ("apr_training.cli.eval", "main"),
     "export": ("apr_training.export_cli", "main"),
     "bench": ("apr_training.cli.bench", "main"),
-    "synth": ("apr_training.synthetic.cli", "synth_main"),
+    "synth": ("apr_training.cli.synth", "synth_main"),
     "eval_bag": ("apr_training.cli.eval_bag", "main"),
 }
 

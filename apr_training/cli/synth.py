@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .scenes import SCENE_STYLES
+from ..synthetic.scenes import SCENE_STYLES
 
 __all__ = ["build_parser", "synth_main"]
 
@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_dataset(a: argparse.Namespace, argv: Sequence[str]) -> int:
-    from .writer import write_dataset
+    from ..synthetic.writer import write_dataset
 
     scenes = a.scenes  # argparse applies _scenes to the string default too
     w, h = a.size
@@ -210,8 +210,8 @@ def _cmd_dataset(a: argparse.Namespace, argv: Sequence[str]) -> int:
 
 def _cmd_bag(a: argparse.Namespace) -> int:
     from ..bags import io as bagio
-    from .render import Intrinsics
-    from .writer import render_sequence
+    from ..synthetic.render import Intrinsics
+    from ..synthetic.writer import render_sequence
 
     scenes = a.scene
     if len(scenes) != 1:
@@ -267,9 +267,9 @@ def _format_info(info: dict) -> str:
 
 def run_bench(scenes: Sequence[str], sizes: Sequence[tuple[int, int]], frames: int, seed: int = 0) -> dict:
     """Time the renderer in this process (one core): mean ms and frames/s per scene and size."""
-    from .render import Intrinsics, render_buffers
-    from .scenes import make_scene
-    from .writer import frame_lightings, make_sequence_trajectory
+    from ..synthetic.render import Intrinsics, render_buffers
+    from ..synthetic.scenes import make_scene
+    from ..synthetic.writer import frame_lightings, make_sequence_trajectory
 
     results = []
     for w, h in sizes:

@@ -229,7 +229,7 @@ def _cmd_bag(a: argparse.Namespace) -> int:
     )
     tf_poses = None
     if a.tf_rate:
-        from .writer import make_sequence_trajectory
+        from ..synthetic.writer import make_sequence_trajectory
 
         traj = make_sequence_trajectory(scene, a.seq, a.frames, a.fps, a.seed)
         n_tf = int(np.floor(traj.duration * a.tf_rate + 1e-9)) + 1

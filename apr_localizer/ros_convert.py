@@ -97,10 +97,14 @@ def _buffer(data) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8)
 
 
-def image_to_rgb(msg: Image, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def image_to_rgb(
+    msg: Image, max_pixels: int = DEFAULT_MAX_PIXELS, limits: imaging.ImageLimits | None = None
+) -> np.ndarray:
     """``sensor_msgs/Image`` → ``(H, W, 3)`` uint8 RGB; a view of ``msg.data`` for rgb8.
 
-    Raises :class:`apr_localizer.imaging.ImageDecodeError` (one sentence) for any malformed message.
+    ``limits`` (default :data:`apr_localizer.imaging.DEFAULT_LIMITS`, with ``max_pixels``) bounds each side, the
+    aspect ratio and the pixel count before the data is touched. Raises
+    :class:`apr_localizer.imaging.ImageDecodeError` (one sentence) for any malformed message.
     """
     return imaging.decode_raw(
         _buffer(msg.data),
@@ -110,22 +114,28 @@ def image_to_rgb(msg: Image, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray
         int(msg.step),
         is_bigendian=bool(msg.is_bigendian),
         max_pixels=max_pixels,
+        limits=limits,
     )
 
 
-def compressed_to_rgb(msg: CompressedImage, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def compressed_to_rgb(
+    msg: CompressedImage, max_pixels: int = DEFAULT_MAX_PIXELS, limits: imaging.ImageLimits | None = None
+) -> np.ndarray:
     """``sensor_msgs/CompressedImage`` (jpeg/png) → ``(H, W, 3)`` uint8 RGB.
 
-    Raises :class:`apr_localizer.imaging.ImageDecodeError` for undecodable or oversized data.
+    The size in the PNG/JPEG header is checked against ``limits`` before decoding. Raises
+    :class:`apr_localizer.imaging.ImageDecodeError` for undecodable, corrupt, mislabelled or oversized data.
     """
-    return imaging.decode_compressed(_buffer(msg.data), msg.format, max_pixels=max_pixels)
+    return imaging.decode_compressed(_buffer(msg.data), msg.format, max_pixels=max_pixels, limits=limits)
 
 
-def msg_to_rgb(msg: Image | CompressedImage, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def msg_to_rgb(
+    msg: Image | CompressedImage, max_pixels: int = DEFAULT_MAX_PIXELS, limits: imaging.ImageLimits | None = None
+) -> np.ndarray:
     """Dispatch on the message type: :func:`image_to_rgb` or :func:`compressed_to_rgb`."""
     if isinstance(msg, CompressedImage):
-        return compressed_to_rgb(msg, max_pixels)
-    return image_to_rgb(msg, max_pixels)
+        return compressed_to_rgb(msg, max_pixels, limits)
+    return image_to_rgb(msg, max_pixels, limits)
 
 
 def uint8_array(data: bytes | bytearray | memoryview) -> array.array:

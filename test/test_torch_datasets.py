@@ -324,3 +324,30 @@ def test_grey_png_is_expanded(dataset_dir: Path) -> None:
     assert np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2])
     direct = cv2.imread(str(dataset_dir / "gamma/frame-000000.color.png"), cv2.IMREAD_GRAYSCALE)
     np.testing.assert_array_equal(rgb[..., 0], direct)
+
+
+def test_resized_cache_is_bounded_memory_mapped_and_gives_identical_samples(dataset_dir: Path, tmp_path: Path) -> None:
+    from apr_training.datasets.torch_datasets import ImageCacheOptions
+
+    labels = read_labels(dataset_dir / "train.csv")
+    cfg = PreprocessConfig(resize=36, crop=32)
+    per_image = 36 * 48 * 3  # 64x48 frames at shorter side 36
+    opts = ImageCacheOptions(36, tmp_path / "cache.npy", max_bytes=4 * per_image)  # room for 4 of 10 images
+    for transform in (EvalTransform(cfg), TrainTransform(cfg)):
+        plain = CameraPoseDataset(labels, transform=transform)
+        cached = CameraPoseDataset(labels, transform=transform, cache_in_ram="resized", cache_options=opts)
+        assert cached.images.cached_images == 4 and (tmp_path / "cache.npy").stat().st_size < 5 * per_image
+        assert isinstance(cached.images._buffer, np.memmap)  # shared by workers and ranks through the page cache
+        for i in range(len(labels)):
+            torch.manual_seed(i)
+            a = plain[i]["image"]
+            torch.manual_seed(i)
+            assert torch.equal(cached[i]["image"], a), i  # the transform's resize is an identity on cached images
+    mtime = (tmp_path / "cache.npy").stat().st_mtime_ns
+    CameraPoseDataset(labels, cache_in_ram="resized", cache_options=opts)
+    assert (tmp_path / "cache.npy").stat().st_mtime_ns == mtime  # reused, not rebuilt
+    pairs = read_pairs(dataset_dir / "pairs.csv")
+    rel = RelPoseDataset(pairs, cache_in_ram="resized", cache_options=ImageCacheOptions(36, tmp_path / "p.npy"))
+    assert rel.images.cached_images == len(rel.images)
+    with pytest.raises(ValueError, match="cache_options"):
+        CameraPoseDataset(labels, cache_in_ram="resized")

@@ -8,7 +8,10 @@
 
 Images are decoded with Pillow (:func:`load_rgb`) into ``H x W x 3`` uint8 arrays and handed to the
 transform. ``cache_in_ram`` keeps the images in memory after one read, in a single numpy buffer (no per-image Python
-objects), so DataLoader workers forked later share it copy-on-write instead of duplicating it.
+objects), so DataLoader workers forked later share it copy-on-write instead of duplicating it. ``"resized"`` keeps
+them decoded **at training resolution** (shorter side = the transform's resize, uint8) in a memory-mapped file that
+every worker and every DDP rank shares through the page cache, bounded by ``max_bytes`` (images past the bound are
+read from disk); the transform's own resize is then an identity, so samples are bit-identical to uncached ones.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import os
 import random
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +36,7 @@ from .pairs import PairTable
 
 __all__ = [
     "CameraPoseDataset",
+    "ImageCacheOptions",
     "ImageStore",
     "RelPoseDataset",
     "SceneEqualizedSampler",
@@ -41,7 +46,18 @@ __all__ = [
 ]
 
 CacheMode = bool | str | None
-_CACHE_MODES = ("encoded", "decoded")
+
+
+@dataclass(frozen=True)
+class ImageCacheOptions:
+    """The ``"resized"`` image cache: shorter side (``data.resize``), the memory-mapped file, its byte budget."""
+
+    short_side: int
+    file: Path
+    max_bytes: int | None = None
+
+
+_CACHE_MODES = ("encoded", "decoded", "resized")
 
 
 def load_rgb(path: str | Path) -> np.ndarray:
@@ -79,13 +95,25 @@ class ImageStore:
         paths: absolute image paths.
         cache: ``False``/``None`` (read every time), ``"encoded"`` or ``True`` (keep the file bytes: PNG/JPEG
             decoding still runs every time, memory ~ the files' size), ``"decoded"`` (keep the decoded uint8
-            pixels: no decoding later, memory = sum of H*W*3; refused if it exceeds 80 % of the available RAM).
+            pixels: no decoding later, memory = sum of H*W*3; refused if it exceeds 80 % of the available RAM),
+            ``"resized"`` (decoded and resized to shorter side ``short_side`` in the memory-mapped ``cache_file``,
+            at most ``max_bytes``; reused when it exists for the same images and size).
         workers: threads used to fill the cache (Pillow releases the GIL while decoding).
         progress: show a tqdm bar while filling the cache.
+        short_side, cache_file, max_bytes: the ``"resized"`` cache.
 
     """
 
-    def __init__(self, paths: Sequence[str | Path], cache: CacheMode = False, workers: int = 4, progress: bool = True):
+    def __init__(
+        self,
+        paths: Sequence[str | Path],
+        cache: CacheMode = False,
+        workers: int = 4,
+        progress: bool = True,
+        short_side: int | None = None,
+        cache_file: str | Path | None = None,
+        max_bytes: int | None = None,
+    ) -> None:
         self.paths = [Path(p) for p in paths]
         if cache is True:
             cache = "encoded"
@@ -99,6 +127,10 @@ class ImageStore:
             self._fill_encoded(workers, progress)
         elif self.cache == "decoded":
             self._fill_decoded(workers, progress)
+        elif self.cache == "resized":
+            if short_side is None or cache_file is None:
+                raise ValueError("cache_in_ram='resized' needs short_side (data.resize) and a cache_file")
+            self._open_resized(int(short_side), Path(cache_file), max_bytes, workers, progress)
 
     def __len__(self) -> int:
         """Return the number of images."""
@@ -111,13 +143,13 @@ class ImageStore:
 
     def load(self, i: int) -> np.ndarray:
         """Image ``i`` as ``H x W x 3`` uint8 RGB (read-only view when cached decoded)."""
-        if self.cache is None:
+        if self.cache is None or (self.cache == "resized" and not self._cached[i]):
             return load_rgb(self.paths[i])
         start, stop = int(self._offsets[i]), int(self._offsets[i + 1])
         chunk = self._buffer[start:stop]
         if self.cache == "encoded":
             return _decode_rgb(chunk, self.paths[i])
-        return chunk.reshape(tuple(self._shapes[i]))
+        return np.asarray(chunk).reshape(tuple(self._shapes[i]))
 
     # ----------------------------------------------------------------------------------------- cache filling
     def _map(self, fn: Callable[[int], Any], workers: int, progress: bool, desc: str) -> list[Any]:
@@ -174,6 +206,65 @@ class ImageStore:
         self._map(decode, workers, progress, "decoding images into RAM")
         self._buffer.flags.writeable = False
 
+    def _open_resized(self, short: int, file: Path, max_bytes: int | None, workers: int, progress: bool) -> None:
+        """Map (or build, then map) the training-resolution cache; images past ``max_bytes`` stay uncached."""
+        import hashlib
+        import json
+
+        from PIL import Image
+
+        from apr_localizer.fileio import atomic_path, atomic_write_text
+
+        from .transforms import resize_shorter_uint8
+
+        shapes = np.zeros((len(self.paths), 3), dtype=np.int64)
+        for i, p in enumerate(self.paths):
+            with Image.open(p) as im:  # header only
+                h, w = im.height, im.width
+            shapes[i] = (short, max(1, int(short * w / h)), 3) if h <= w else (max(1, int(short * h / w)), short, 3)
+        sizes = shapes.prod(axis=1)
+        cached = np.cumsum(sizes) <= (max_bytes if max_bytes is not None else np.inf)
+        self._cached, self._shapes = cached, shapes
+        self._offsets = np.concatenate([[0], np.cumsum(np.where(cached, sizes, 0))]).astype(np.int64)
+        total = int(self._offsets[-1])
+        key = hashlib.sha256(json.dumps([short, total, [str(p) for p in self.paths]]).encode()).hexdigest()
+        index = file.with_suffix(".json")
+        meta = {"key": key, "bytes": total, "images": int(cached.sum())}
+        fresh = index.is_file() and file.is_file() and json.loads(index.read_text()) == meta
+        if not total:
+            return
+        if not fresh:
+            with atomic_path(file) as tmp:
+                buf = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(total,))
+
+                def fill(i: int) -> None:
+                    if cached[i]:
+                        img = resize_shorter_uint8(load_rgb(self.paths[i]), short)
+                        if img.shape != tuple(shapes[i]):
+                            raise ValueError(f"image {self.paths[i]} resized to {img.shape}, expected {shapes[i]}")
+                        buf[self._offsets[i] : self._offsets[i + 1]] = img.reshape(-1)
+
+                self._map(fill, workers, progress, "caching images at training resolution")
+                buf.flush()
+                del buf
+            atomic_write_text(index, json.dumps(meta))
+        self._buffer = np.load(file, mmap_mode="r")
+
+    @property
+    def cached_images(self) -> int:
+        """How many images the cache holds."""
+        if self.cache == "resized":
+            return int(self._cached.sum())
+        return len(self.paths) if self.cache else 0
+
+
+def _store(paths: Sequence[Path], cache: CacheMode, options: ImageCacheOptions | None) -> ImageStore:
+    if cache != "resized":
+        return ImageStore(paths, cache)
+    if options is None:
+        raise ValueError("cache_in_ram='resized' needs cache_options (shorter side and cache file)")
+    return ImageStore(paths, cache, short_side=options.short_side, cache_file=options.file, max_bytes=options.max_bytes)
+
 
 def _available_memory() -> int | None:
     try:
@@ -217,8 +308,9 @@ class CameraPoseDataset(Dataset):
         labels: the label table.
         root: dataset root (default: ``labels.root``).
         transform: ``H x W x 3`` uint8 RGB → tensor; default: :class:`apr_localizer.preprocess.EvalTransform`.
-        cache_in_ram: ``False``, ``True``/``"encoded"`` or ``"decoded"`` (see :class:`ImageStore`).
+        cache_in_ram: ``False``, ``True``/``"encoded"``, ``"decoded"`` or ``"resized"`` (see :class:`ImageStore`).
         check_files: verify up front that every image exists (:func:`validate_images`).
+        cache_options: where and how big the ``"resized"`` cache is.
 
     """
 
@@ -229,6 +321,7 @@ class CameraPoseDataset(Dataset):
         transform: Callable[[np.ndarray], torch.Tensor] | None = None,
         cache_in_ram: CacheMode = False,
         check_files: bool = True,
+        cache_options: ImageCacheOptions | None = None,
     ) -> None:
         self.labels = labels
         if check_files:
@@ -236,7 +329,7 @@ class CameraPoseDataset(Dataset):
         else:
             paths = [labels.image_path(i, root) for i in range(len(labels))]
         self.transform = transform if transform is not None else _default_transform()
-        self.images = ImageStore(paths, cache_in_ram)
+        self.images = _store(paths, cache_in_ram, cache_options)
         self._pose = _frozen(labels.pose, np.float32)
         self._scene = _frozen(labels.scene_id, np.int64)
 
@@ -290,6 +383,7 @@ class RelPoseDataset(Dataset):
             image is cached once.
         check_files: verify up front that every image exists.
         normalize_neighbour: unit-normalise the neighbour quaternion.
+        cache_options: where and how big the ``"resized"`` cache is.
 
     """
 
@@ -302,6 +396,7 @@ class RelPoseDataset(Dataset):
         cache_in_ram: CacheMode = False,
         check_files: bool = True,
         normalize_neighbour: bool = True,
+        cache_options: ImageCacheOptions | None = None,
     ) -> None:
         if not 0.0 <= swap_prob <= 1.0:
             raise ValueError(f"swap_prob is {swap_prob}; expected a probability in [0, 1]")
@@ -326,7 +421,7 @@ class RelPoseDataset(Dataset):
                 raise FileNotFoundError(
                     f"{len(missing)} of {len(paths)} images{src} are missing under dataset root {base}: {shown}"
                 )
-        self.images = ImageStore(paths, cache_in_ram)
+        self.images = _store(paths, cache_in_ram, cache_options)
         self._pose_a = _frozen(pairs.pose_a, np.float64)
         self._pose_b = _frozen(pairs.pose_b, np.float64)
         self._neighbour_a = _frozen(_unit_quat(pairs.pose_a) if normalize_neighbour else pairs.pose_a, np.float32)

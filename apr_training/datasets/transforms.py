@@ -23,7 +23,14 @@ from torchvision.transforms import v2
 
 from apr_localizer.preprocess import EvalTransform, PreprocessConfig
 
-__all__ = ["DecoderTransform", "TrainTransform", "build_eval_transform", "build_train_transform", "to_chw_uint8"]
+__all__ = [
+    "DecoderTransform",
+    "TrainTransform",
+    "build_eval_transform",
+    "build_train_transform",
+    "resize_shorter_uint8",
+    "to_chw_uint8",
+]
 
 
 def to_chw_uint8(image: Any) -> torch.Tensor:
@@ -49,6 +56,15 @@ def to_chw_uint8(image: Any) -> torch.Tensor:
     if t.dtype != torch.uint8:
         raise ValueError(f"image has dtype {t.dtype}; expected uint8")
     return t
+
+
+def resize_shorter_uint8(image: np.ndarray, short_side: int) -> np.ndarray:
+    """``H x W x 3`` uint8 → shorter side ``short_side`` with the transforms' own Resize (antialiased bilinear).
+
+    Resizing the result again to ``short_side`` is an identity, so images cached at this size give the same samples.
+    """
+    op = v2.Resize(short_side, interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
+    return op(to_chw_uint8(image)).permute(1, 2, 0).contiguous().numpy()
 
 
 class TrainTransform:

@@ -513,3 +513,22 @@ def test_cuda_amp_training(data, tmp_path):
         summary = json.loads((out / "summary.json").read_text())
         assert summary["amp"] == dtype and summary["device"].startswith("cuda")
         _assert_loss_drops(out)
+
+
+def test_validation_csv_with_test_rows_is_refused(data, tmp_path):
+    from apr_training.train.helpers import read_label_table
+    from apr_training.train.task import TrainError
+
+    test_csv = tmp_path / "test.csv"
+    test_csv.write_text((data / "train.csv").read_text().replace(",train,", ",test,"))
+    with pytest.raises(TrainError, match="test split"):
+        read_label_table(test_csv, data, None, "--val-labels")
+    assert len(read_label_table(test_csv, data, None, "--labels")) == 8  # evaluation/training CSVs are not checked
+
+
+def test_resized_image_cache_in_training(data, tmp_path):
+    out = tmp_path / "cached"
+    assert _run("ms-transformer", data, out, "--epochs", "1", "--set", "data.cache_in_ram=resized",
+                "--set", "data.cache_max_gib=0.0001") == 0  # fmt: skip
+    assert (out / "image_cache_train_36.npy").is_file() and (out / "image_cache_train_36.json").is_file()
+    assert (out / "curves.png").is_file() and (out / "summary.json").is_file()

@@ -5,19 +5,39 @@ orientation branch (model_spec.md §1.2). Only ``features[0..5]`` run: the later
 
 ``official=True`` makes the network numerically identical to the efficientnet_pytorch model inside the official
 checkpoints: TF-"SAME" static padding (computed for a 224x224 input) on the five stride-2 convolutions and BatchNorm
-eps 1e-3 / momentum 0.01 (inference_notes.md §2).
+eps 1e-3 / momentum 0.01 (inference_notes.md §2). ``official=False`` is torchvision's network unchanged (symmetric
+padding, BatchNorm eps 1e-5), the one torchvision's ImageNet weights were trained for.
+
+Pretrained weights (:func:`backbone_state_dict`): ``"imagenet"`` (torchvision's
+``EfficientNet_B0_Weights.IMAGENET1K_V1``, read from the torch hub cache or downloaded there) or a local torchvision
+state_dict file; :func:`variant_for_weights` names the variant that matches them.
 """
 
 from __future__ import annotations
 
 import functools
+import os
+import socket
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.models import efficientnet_b0
 
-__all__ = ["TF_SAME_PADS", "EfficientNetB0Features", "SamePadConv2d", "calibrate_batchnorm", "fold_batchnorm"]
+__all__ = [
+    "IMAGENET",
+    "TF_SAME_PADS",
+    "BackboneWeightsError",
+    "EfficientNetB0Features",
+    "SamePadConv2d",
+    "backbone_state_dict",
+    "calibrate_batchnorm",
+    "fold_batchnorm",
+    "imagenet_weights_file",
+    "load_backbone_state_dict",
+    "variant_for_weights",
+]
 
 # torchvision module path → (left, right, top, bottom) zero padding of the official weights at 224 input.
 TF_SAME_PADS: dict[str, tuple[int, int, int, int]] = {
@@ -153,3 +173,88 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
                 seq._modules[a] = fuse_conv_bn_eval(conv, bn)
                 seq._modules[b] = nn.Identity()
     return model
+
+
+# --------------------------------------------------------------------------------------------- pretrained weights
+IMAGENET = "imagenet"
+_DOWNLOAD_TIMEOUT_S = 30.0
+
+
+class BackboneWeightsError(ValueError):
+    """Pretrained backbone weights cannot be found, read or loaded (the message names the file)."""
+
+
+def _imagenet_url() -> str:
+    from torchvision.models import EfficientNet_B0_Weights
+
+    return str(EfficientNet_B0_Weights.IMAGENET1K_V1.url)
+
+
+def imagenet_weights_file() -> Path:
+    """Where torchvision keeps the ImageNet EfficientNet-B0 weights: ``<torch hub dir>/checkpoints/<file name>``."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(_imagenet_url())
+
+
+def variant_for_weights(source: str | Path | None) -> str:
+    """Backbone variant for pretrained weights: ``"torchvision"`` for ImageNet/torchvision files, else ``"official"``.
+
+    ``None`` (training from scratch) keeps the ``official`` variant, whose files export to the official format.
+    """
+    return "official" if source is None else "torchvision"
+
+
+def backbone_state_dict(source: str | Path) -> dict[str, torch.Tensor]:
+    """Torchvision EfficientNet-B0 state_dict from ``"imagenet"`` (hub cache, downloaded if absent) or a file."""
+    if str(source) == IMAGENET:
+        path = imagenet_weights_file()
+        if not path.is_file():
+            url = _imagenet_url()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            old = socket.getdefaulttimeout()
+            socket.setdefaulttimeout(_DOWNLOAD_TIMEOUT_S)
+            try:
+                torch.hub.download_url_to_file(url, str(path), progress=False)
+            except Exception as e:  # offline, proxy, TLS: all the same to the user
+                raise BackboneWeightsError(
+                    f"the ImageNet EfficientNet-B0 weights are not in the torch hub cache and could not be downloaded "
+                    f"({type(e).__name__}); download {url} and place it at {path}, or pass a local torchvision "
+                    "weight file"
+                ) from None
+            finally:
+                socket.setdefaulttimeout(old)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise BackboneWeightsError(f"backbone weights {path} do not exist; expected a torchvision state_dict file")
+    try:
+        sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise BackboneWeightsError(
+            f"{path} cannot be read as a state_dict with weights_only=True ({str(e)[:120]})"
+        ) from None
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not any(str(k).startswith("features.") for k in sd):
+        raise BackboneWeightsError(f"{path} is not a torchvision EfficientNet-B0 state_dict (no 'features.*' keys)")
+    return sd
+
+
+def load_backbone_state_dict(backbone: EfficientNetB0Features, sd: dict[str, torch.Tensor], source: str = "") -> int:
+    """Copy the ``features.0..5`` tensors of a torchvision state_dict into ``backbone``; return how many.
+
+    Every tensor the backbone has must be present with the same shape; later stages and the classifier are ignored.
+    """
+    own = backbone.state_dict()
+    missing = [k for k in own if k not in sd]
+    if missing:
+        raise BackboneWeightsError(
+            f"{source}: {len(missing)} EfficientNet-B0 tensors are missing (e.g. {', '.join(missing[:3])}); "
+            "expected a torchvision efficientnet_b0 state_dict"
+        )
+    for k, v in own.items():
+        if tuple(sd[k].shape) != tuple(v.shape):
+            raise BackboneWeightsError(
+                f"{source}: tensor {k!r} has shape {tuple(sd[k].shape)}, expected {tuple(v.shape)}"
+            )
+    backbone.load_state_dict({k: sd[k].to(v.dtype) for k, v in own.items()}, strict=True)
+    return len(own)

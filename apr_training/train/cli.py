@@ -85,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="initial weights: ms-transformer (e.g. the stage-1 model for cambridge_finetune.yaml), posenet, decoder",
     )
+    io.add_argument(
+        "--backbone-weights",
+        help="model.backbone_weights: 'imagenet' (torchvision's ImageNet EfficientNet-B0, from the torch hub cache or "
+        "downloaded) or a torchvision state_dict file; the matching backbone variant is chosen automatically",
+    )
     run = p.add_argument_group("run control (override the config)")
     run.add_argument("--resume", action="store_true", help="continue from <out>/last_state.pt (config from the state)")
     run.add_argument("--overwrite", action="store_true", help="start afresh in an --out that holds a previous run")
@@ -98,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--amp",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="mixed precision on CUDA (run.amp; run.amp_dtype float16|bfloat16)",
+        help="mixed precision on CUDA (run.amp; run.amp_dtype auto|float16|bfloat16)",
     )
     run.add_argument(
         "--set",
@@ -125,6 +130,8 @@ def _cli_overrides(args: argparse.Namespace) -> list[str]:
     items = []
     if args.epochs is not None:
         items.append(f"optim.n_epochs={args.epochs}")
+    if getattr(args, "backbone_weights", None) is not None:
+        items.append(f"model.backbone_weights={args.backbone_weights}")
     if args.max_steps is not None:
         items.append(f"run.max_steps={args.max_steps}")
     if args.batch_size is not None:

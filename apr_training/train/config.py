@@ -74,7 +74,9 @@ class DataConfig:
     color_jitter: bool = True  # ColorJitter(0.5, 0.5, 0.5, 0.2) of the train transform
     resize: int = 256  # shorter image side before cropping
     crop: int = 224  # square model input
-    cache_in_ram: bool | str = False  # False | "encoded" | "decoded" (see apr_training.datasets.ImageStore)
+    cache_in_ram: bool | str = False  # False | "encoded" | "decoded" | "resized" (see datasets.ImageStore)
+    cache_max_gib: float = 16.0  # "resized": size bound of the memory-mapped training-resolution cache
+    cache_dir: str | None = None  # "resized": where the cache file lives (default: the run's --out)
     persistent_workers: bool = False  # False: workers restart every epoch with a per-epoch seed (reproducible)
     drop_last: bool = False
     scene_names: list[str] | None = None  # model scene order; default: sorted scene names of the label CSV
@@ -100,11 +102,19 @@ class ModelConfig:
     rot_encoder_layers: int = 6
     rot_decoder_layers: int = 6
     per_scene_heads: bool = False
-    official_backbone: bool = True
+    official_backbone: bool | None = None  # None: matches model.backbone_weights (torchvision) or official (none)
     head_dim: int = 1024
     freeze: bool = False  # Cambridge finetune: backbone + transformers fixed (eval, no_grad)
     freeze_exclude_phrase: list[str] = field(default_factory=lambda: ["regressor_head_rot"])
-    backbone_weights: str | None = None  # torchvision efficientnet_b0 (or posenet backbone) state_dict file
+    backbone_weights: str | None = None  # 'imagenet' (torchvision) | a torchvision state_dict file | null: scratch
+
+    def backbone_variant(self) -> str:
+        """``official`` (TF-SAME padding, BN eps 1e-3) or ``torchvision``; automatic when official_backbone is null."""
+        from apr_localizer.models.backbone import variant_for_weights
+
+        if self.official_backbone is None:
+            return variant_for_weights(self.backbone_weights)
+        return "official" if self.official_backbone else "torchvision"
 
     def ms_config(self, num_scenes: int) -> dict[str, Any]:
         """Keyword arguments of :class:`apr_localizer.models.MSTransformerConfig`."""
@@ -119,7 +129,7 @@ class ModelConfig:
             "rot_encoder_layers": self.rot_encoder_layers,
             "rot_decoder_layers": self.rot_decoder_layers,
             "per_scene_heads": self.per_scene_heads,
-            "official_backbone": self.official_backbone,
+            "official_backbone": self.backbone_variant() == "official",
             "head_dim": self.head_dim,
         }
 
@@ -161,7 +171,7 @@ class RunConfig:
     numpy_seed: int = 2
     deterministic: bool = True  # cudnn.deterministic, no cudnn.benchmark
     amp: bool = True  # mixed precision on CUDA (ignored on CPU)
-    amp_dtype: str = "float16"  # float16 (with GradScaler) | bfloat16
+    amp_dtype: str = "auto"  # auto (bfloat16 where the GPU supports it, else float16) | float16 (GradScaler) | bfloat16
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     max_steps: int | None = None  # stop after this many optimiser steps in total
     progress: bool = True  # tqdm progress bars on rank 0
@@ -260,8 +270,9 @@ class TrainConfig:
             (self.data.crop >= 16, "data.crop", "at least 16 pixels"),
             (self.data.resize >= self.data.crop, "data.resize", f"at least data.crop ({self.data.crop})"),
             (0.0 <= self.data.swap_prob <= 1.0, "data.swap_prob", "a probability in [0, 1]"),
-            (self.data.cache_in_ram in (False, True, "encoded", "decoded"), "data.cache_in_ram",
-             "false, true, 'encoded' or 'decoded'"),
+            (self.data.cache_in_ram in (False, True, "encoded", "decoded", "resized"), "data.cache_in_ram",
+             "false, true, 'encoded', 'decoded' or 'resized'"),
+            (self.data.cache_max_gib >= 0, "data.cache_max_gib", "0 or more GiB"),
             (self.optim.lr > 0, "optim.lr", "a positive number"),
             (self.optim.n_epochs >= 0, "optim.n_epochs", "0 or more"),
             (self.optim.lr_scheduler_step_size >= 1, "optim.lr_scheduler_step_size", "a positive integer"),
@@ -270,7 +281,7 @@ class TrainConfig:
             (self.run.n_freq_checkpoint >= 1, "run.n_freq_checkpoint", "a positive integer"),
             (self.run.save_every_epochs >= 1, "run.save_every_epochs", "a positive integer"),
             (self.run.max_steps is None or self.run.max_steps >= 0, "run.max_steps", "0 or more"),
-            (self.run.amp_dtype in ("float16", "bfloat16"), "run.amp_dtype", "'float16' or 'bfloat16'"),
+            (self.run.amp_dtype in ("auto", "float16", "bfloat16"), "run.amp_dtype", "'auto', 'float16' or 'bfloat16'"),
             (self.run.best_metric in ("auto", "train_loss", "val_position", "val_orientation", "val_loss"),
              "run.best_metric", "auto, train_loss, val_position, val_orientation or val_loss"),
             (self.run.val_every >= 1, "run.val_every", "a positive integer"),

@@ -192,6 +192,8 @@ class DecoderTask(Task):
         from apr_training.datasets.transforms import DecoderTransform
 
         transform = DecoderTransform(dc.img_size)
+        if cfg.data.cache_in_ram == "resized":
+            raise TrainError("data.cache_in_ram 'resized' caches at data.resize, not the decoder's size; use 'decoded'")
         self.dataset = CameraPoseDataset(labels, ctx.paths.data, transform=transform,
                                          cache_in_ram=cfg.data.cache_in_ram)  # fmt: skip
         self.decoder, self.pae = decoder, pae

@@ -8,14 +8,24 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import Sampler
 
 from .task import DistInfo, TrainError
 
-__all__ = ["EpochSampler", "all_reduce_max", "barrier", "init_distributed", "resolve_device"]
+__all__ = [
+    "EpochSampler",
+    "all_gather_objects",
+    "all_reduce_min_positive",
+    "barrier",
+    "init_distributed",
+    "resolve_device",
+    "wrap_ddp",
+]
 
 
 # --------------------------------------------------------------------------------------------- devices / DDP
@@ -52,20 +62,47 @@ def init_distributed(device_pref: str) -> tuple[DistInfo, torch.device]:
 
 
 def barrier(info: DistInfo) -> None:
+    """Wait for every rank (a no-op in a single process)."""
     if info.enabled:
         import torch.distributed as dist
 
         dist.barrier()
 
 
-def all_reduce_max(value: float, info: DistInfo, device: torch.device) -> float:
+def all_reduce_min_positive(value: torch.Tensor, info: DistInfo) -> int:
+    """Smallest positive value of a scalar integer tensor over the ranks (0 when no rank has one); syncs the host."""
     if not info.enabled:
-        return value
+        return int(value.item())
     import torch.distributed as dist
 
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item())
+    big = 2**62
+    t = torch.where(value > 0, value, torch.full_like(value, big)).reshape(1).to(torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    v = int(t.item())
+    return 0 if v == big else v
+
+
+def all_gather_objects(obj: Any, info: DistInfo) -> list[Any]:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every rank (``[obj]`` in a single process)."""
+    if not info.enabled:
+        return [obj]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def wrap_ddp(module: nn.Module, device: torch.device, find_unused_parameters: bool = False) -> nn.Module:
+    """``DistributedDataParallel`` around ``module``: gradients are averaged over the ranks after each backward.
+
+    Parameters that never receive a gradient must be frozen (``requires_grad=False``) by the task, or the task must
+    set ``find_unused_parameters``; otherwise DDP waits forever for their gradients (and raises on the next step).
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=find_unused_parameters)
 
 
 # --------------------------------------------------------------------------------------------- sampler

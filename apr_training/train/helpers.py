@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -10,13 +11,17 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from .config import TrainConfig
+from .config import ModelConfig, TrainConfig
 from .task import Context, TrainError
+
+log = logging.getLogger("apr_training.train")
 
 __all__ = [
     "check_scene_count",
     "eval_transform",
     "evaluate_apr",
+    "image_cache",
+    "init_backbone",
     "labels_for_model",
     "load_apr",
     "load_backbone_weights",
@@ -58,6 +63,49 @@ def load_backbone_weights(module: nn.Module, path: str | Path, what: str = "back
     return len(own)
 
 
+FROM_SCRATCH_WARNING = (
+    "training the EfficientNet-B0 backbone FROM RANDOM WEIGHTS: the papers start from ImageNet weights and a run from "
+    "scratch will not reach their accuracy; pass --backbone-weights imagenet (or a torchvision weight file)"
+)
+
+
+def init_backbone(model: nn.Module, mcfg: ModelConfig) -> int:
+    """Load ``model.backbone_weights`` into an MS-Transformer's backbone (0 and a loud warning when there are none).
+
+    The backbone variant was chosen by :meth:`ModelConfig.backbone_variant`; an explicit ``official_backbone: true``
+    with torchvision weights is allowed but warned about (other padding and BatchNorm eps than the weights expect).
+    """
+    from apr_localizer.models.backbone import BackboneWeightsError, backbone_state_dict, load_backbone_state_dict
+
+    source = mcfg.backbone_weights
+    if not source:
+        log.warning(FROM_SCRATCH_WARNING)
+        return 0
+    if model.backbone.official:
+        log.warning(
+            "model.official_backbone is true but model.backbone_weights %s are torchvision weights (symmetric "
+            "padding, BN eps 1e-5); set model.official_backbone to null to use the matching variant",
+            source,
+        )
+    try:
+        n = load_backbone_state_dict(model.backbone, backbone_state_dict(source), str(source))
+    except BackboneWeightsError as e:
+        raise TrainError(f"model.backbone_weights: {e}") from None
+    log.info("backbone initialised from %s (%d tensors, %s variant)", source, n, mcfg.backbone_variant())
+    return n
+
+
+def image_cache(ctx: Context, name: str):
+    """:class:`~apr_training.datasets.torch_datasets.ImageCacheOptions` of the ``"resized"`` cache (else None)."""
+    from apr_training.datasets.torch_datasets import ImageCacheOptions
+
+    d = ctx.config.data
+    if d.cache_in_ram != "resized":
+        return None
+    folder = Path(d.cache_dir) if d.cache_dir else ctx.out
+    return ImageCacheOptions(d.resize, folder / f"image_cache_{name}_{d.resize}.npy", int(d.cache_max_gib * 2**30))
+
+
 # --------------------------------------------------------------------------------------------- data / model helpers
 def preprocess_dict(cfg: TrainConfig) -> dict[str, Any]:
     """Preprocessing stored with the model (the test transform at the training input size)."""
@@ -92,6 +140,11 @@ def read_label_table(path: Path | None, root: Path | None, scene_names: list[str
     table = read_labels(path, dataset_root=root, scene_names=scene_names)
     if len(table) == 0:
         raise TrainError(f"{what} {path} has no rows; expected at least one labelled image")
+    if what == "--val-labels" and "test" in table.split:
+        raise TrainError(
+            f"--val-labels {path} holds rows of the test split; model selection must never see the test set "
+            "(validate on held-out training frames, or drop --val-labels and use the final epoch as the papers do)"
+        )
     return table
 
 

@@ -37,6 +37,7 @@ from .helpers import (
     check_scene_count,
     eval_transform,
     evaluate_apr,
+    image_cache,
     labels_for_model,
     load_apr,
     make_eval_loader,
@@ -106,6 +107,21 @@ def load_pae(path: Path, what: str = "--pae") -> tuple[PoseAutoEncoder, list[str
     return model, None
 
 
+#: Parts of the iAPR's own MS-Transformer that the relative-pose loss never reaches: the query latents are taken
+#: with the scene forced, so the scene classifier and the absolute pose heads get no gradient.
+UNUSED_APR_PARTS = ("scene_embed", "regressor_head_t", "regressor_head_rot")
+
+
+def _freeze_unused_apr_parts(iapr: IAPR) -> list[str]:
+    """Freeze :data:`UNUSED_APR_PARTS` (no gradient reaches them; DDP needs every trainable parameter used)."""
+    frozen = []
+    for name, p in iapr.mstransformer.named_parameters():
+        if name.split(".")[0] in UNUSED_APR_PARTS:
+            p.requires_grad_(False)
+            frozen.append(name)
+    return frozen
+
+
 class IAPRTask(Task):
     """``apr-train iapr``."""
 
@@ -164,6 +180,8 @@ class IAPRTask(Task):
                     "no --teacher: the bundle's APR is the iAPR's own MS-Transformer, whose scene classifier and pose "
                     "heads iAPR training does not train; pass --teacher for a usable initial estimate"
                 )
+        if not ic.freeze_encoder:
+            _freeze_unused_apr_parts(iapr)
         if pae is not None:
             iapr.pae.load_state_dict(pae.state_dict())
         if not ic.train_pae:
@@ -174,7 +192,8 @@ class IAPRTask(Task):
         from apr_training.datasets.torch_datasets import CameraPoseDataset, RelPoseDataset
 
         self.dataset = RelPoseDataset(self.pairs, ctx.paths.data, transform=train_transform(cfg),
-                                      swap_prob=cfg.data.swap_prob, cache_in_ram=cfg.data.cache_in_ram)  # fmt: skip
+                                      swap_prob=cfg.data.swap_prob, cache_in_ram=cfg.data.cache_in_ram,
+                                      cache_options=image_cache(ctx, "pairs"))  # fmt: skip
         loss = cfg.loss
         self.criterion = CameraPoseLoss(loss.learnable, loss.s_x, loss.s_q, loss.norm)
         self.module = IAPRStep(iapr, self.criterion, ic.freeze_encoder).to(ctx.device)

@@ -33,9 +33,10 @@ from .helpers import (
     check_scene_count,
     eval_transform,
     evaluate_apr,
+    image_cache,
+    init_backbone,
     labels_for_model,
     load_apr,
-    load_backbone_weights,
     make_eval_loader,
     preprocess_dict,
     provenance,
@@ -141,9 +142,7 @@ class MSTransformerTask(Task):
             check_scene_count(cfg, labels.scenes, ctx.paths.labels)
             torch.manual_seed(cfg.run.seed)
             model = build_ms_transformer(MSTransformerConfig(**cfg.model.ms_config(len(labels.scenes))))
-            if cfg.model.backbone_weights:
-                n = load_backbone_weights(model.backbone, cfg.model.backbone_weights, "EfficientNet-B0")
-                log.info("backbone initialised from %s (%d tensors)", cfg.model.backbone_weights, n)
+            init_backbone(model, cfg.model)
         if cfg.model.freeze:
             if init is None:
                 raise TrainError(
@@ -157,10 +156,12 @@ class MSTransformerTask(Task):
             )
         self.scene_names = list(labels.scenes)
         self.labels = labels
+        self.find_unused_parameters = model.config.per_scene_heads  # heads of scenes absent from a batch: no grad
         from apr_training.datasets.torch_datasets import CameraPoseDataset
 
         self.dataset = CameraPoseDataset(labels, ctx.paths.data, transform=train_transform(cfg),
-                                         cache_in_ram=cfg.data.cache_in_ram)  # fmt: skip
+                                         cache_in_ram=cfg.data.cache_in_ram,
+                                         cache_options=image_cache(ctx, "train"))  # fmt: skip
         loss = cfg.loss
         criterion = CameraPoseLoss(loss.learnable, loss.s_x, loss.s_q, loss.norm)
         self.model = model

@@ -30,6 +30,7 @@ from apr_localizer.models import CameraPoseLoss, MSTransformer, PAEConfig, PoseA
 
 from .helpers import (
     eval_transform,
+    image_cache,
     labels_for_model,
     load_apr,
     make_eval_loader,
@@ -223,7 +224,8 @@ class PAETask(Task):
 
         transform = train_transform(cfg)
         self.dataset = CameraPoseDataset(labels, ctx.paths.data, transform=transform,
-                                         cache_in_ram=cfg.data.cache_in_ram)  # fmt: skip
+                                         cache_in_ram=cfg.data.cache_in_ram,
+                                         cache_options=image_cache(ctx, "train"))  # fmt: skip
         deterministic = cfg.data.no_augment
         cache = None
         if cfg.pae.cache_teacher:

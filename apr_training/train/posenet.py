@@ -26,6 +26,7 @@ from apr_localizer.models import CameraPoseLoss, PAEConfig, PoseAutoEncoder
 
 from .helpers import (
     eval_transform,
+    image_cache,
     load_backbone_weights,
     make_eval_loader,
     pose_error_stats,
@@ -277,7 +278,8 @@ class PoseNetTask(Task):
 
         self.scene_names = [scene]
         self.dataset = CameraPoseDataset(labels, ctx.paths.data, transform=train_transform(cfg),
-                                         cache_in_ram=cfg.data.cache_in_ram)  # fmt: skip
+                                         cache_in_ram=cfg.data.cache_in_ram,
+                                         cache_options=image_cache(ctx, "train"))  # fmt: skip
         loss = cfg.loss
         self.criterion = CameraPoseLoss(loss.learnable, loss.s_x, loss.s_q, loss.norm)
         self.model = model

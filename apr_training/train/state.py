@@ -7,14 +7,16 @@ containers only (saved with ``torch.save``, read back with ``torch.load(weights_
 from __future__ import annotations
 
 import json
+import logging
 import math
-import os
 import random
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from apr_localizer.fileio import atomic_path, atomic_write_text
 
 from .task import TrainError
 
@@ -25,6 +27,7 @@ __all__ = [
     "MetricsWriter",
     "get_rng_state",
     "load_train_state",
+    "plot_training_curves",
     "save_train_state",
     "seed_everything",
     "set_rng_state",
@@ -33,7 +36,9 @@ __all__ = [
 
 STATE_FILE = "last_state.pt"
 STATE_FORMAT = "apr_training.train_state"
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: RNG states of every rank ("rng_per_rank")
+
+log = logging.getLogger("apr_training.train")
 
 
 # --------------------------------------------------------------------------------------------- seeds / RNG
@@ -92,11 +97,29 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 # --------------------------------------------------------------------------------------------- metrics
 class MetricsWriter:
-    """Append JSON lines to ``<out>/metrics.jsonl`` (rank 0 only; a no-op elsewhere)."""
+    """Append JSON lines to ``<out>/metrics.jsonl`` and, when opened, TensorBoard scalars (rank 0 only).
+
+    Every ``step``/``epoch`` record's numbers go to TensorBoard as ``<type>/<key>`` at the record's ``step``.
+    """
 
     def __init__(self, path: Path, enabled: bool = True) -> None:
         self.path = path
         self.enabled = enabled
+        self.tb: Any = None
+
+    def open_tensorboard(self, log_dir: Path, purge_step: int | None = None) -> None:
+        """Start TensorBoard event files in ``log_dir`` (skipped with a log line when tensorboard is missing).
+
+        ``purge_step`` (on resume) hides events a killed run logged at or after that step.
+        """
+        if not self.enabled:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            log.info("tensorboard is not installed: no event files (metrics.jsonl has the same numbers)")
+            return
+        self.tb = SummaryWriter(str(log_dir), purge_step=purge_step + 1 if purge_step is not None else None)
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -105,20 +128,77 @@ class MetricsWriter:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in clean.items()}
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(clean) + "\n")
+        if self.tb is not None and record.get("type") in ("step", "epoch"):
+            for k, v in record.items():
+                if k not in ("type", "epoch", "step") and isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(f"{record['type']}/{k}", float(v), int(record["step"]))
+
+    def truncate_after(self, step: int) -> None:
+        """Drop the records logged after optimiser step ``step`` (a resume must not repeat steps or epochs)."""
+        if not self.enabled or not self.path.is_file():
+            return
+        kept = [ln for ln in self.path.read_text(encoding="utf-8").splitlines() if _record_step(ln) <= step]
+        atomic_write_text(self.path, "".join(ln + "\n" for ln in kept))
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
+
+
+def _record_step(line: str) -> int:
+    try:
+        return int(json.loads(line).get("step") or 0)
+    except (ValueError, AttributeError):
+        return 0
 
 
 def write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    """Write ``obj`` as indented JSON, atomically."""
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def plot_training_curves(metrics: Path, png: Path) -> Path | None:
+    """Plot train loss per logged step and validation medians per epoch from ``metrics.jsonl`` into ``png``.
+
+    Returns the PNG path, or None when matplotlib is missing or there is nothing to plot.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    records = [json.loads(ln) for ln in metrics.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    steps = [r for r in records if r.get("type") == "step" and r.get("loss") is not None]
+    epochs = [r for r in records if r.get("type") == "epoch"]
+    if not steps:
+        return None
+    val_keys = [k for k in ("val_position_median", "val_orientation_median") if any(k in r for r in epochs)]
+    fig, axes = plt.subplots(1, 1 + len(val_keys), figsize=(5 * (1 + len(val_keys)), 3.5), squeeze=False)
+    ax = axes[0][0]
+    ax.plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=1, label="train loss (logged steps)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    for ax, key in zip(axes[0][1:], val_keys):
+        pts = [(r["epoch"], r[key]) for r in epochs if r.get(key) is not None]
+        ax.plot([e for e, _ in pts], [v for _, v in pts], marker="o")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(key + (" (m)" if "position" in key else " (deg)"))
+    fig.tight_layout()
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return png
 
 
 # --------------------------------------------------------------------------------------------- train state
 def save_train_state(path: Path, state: dict[str, Any]) -> None:
-    """``torch.save`` a state made of tensors and plain containers, atomically (write + rename)."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(state, str(tmp))
-    os.replace(tmp, path)
+    """``torch.save`` a state made of tensors and plain containers, atomically (:func:`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        torch.save(state, str(tmp))
 
 
 def load_train_state(path: Path) -> dict[str, Any]:

@@ -110,6 +110,9 @@ class Task(abc.ABC):
     """One trainer. Subclasses set :attr:`dataset`, :attr:`module` and :attr:`scene_names` in :meth:`setup`."""
 
     name: str = ""
+    #: DDP ``find_unused_parameters``: leave False and freeze parameters that get no gradient (faster, and a missed
+    #: one fails loudly on the second step instead of silently desynchronising ranks).
+    find_unused_parameters: bool = False
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx

@@ -9,7 +9,7 @@ Generations (what each fake exposes, from NVIDIA's API references and the 10.x â
   calibrators, ``STRONGLY_TYPED`` as an opt-in; ``set_tensor_address`` returns ``False`` for a misaligned address.
 * ``"11"`` (TensorRT 11.x, today's ``pip install tensorrt``): no ``FP16``/``INT8``/``OBEY_PRECISION_CONSTRAINTS``
   flags, no calibrators and no ``int8_calibrator``; every network is strongly typed (setting a layer's precision
-  raises), ``STRONGLY_TYPED`` accepted and ignored.
+  raises), ``STRONGLY_TYPED`` accepted and ignored; int8 only through Q/DQ nodes in the graph (``IQuantizeLayer``).
 * ``"rtx"`` (``tensorrt_rtx`` 1.x): like 11 under the module name ``tensorrt_rtx``.
 
 The parser keeps the ONNX bytes and exposes one layer per ONNX node (``ILayer`` base objects, like the real
@@ -104,8 +104,8 @@ def _flags_namespace(generation: str) -> types.SimpleNamespace:
 def make_fake_tensorrt(generation: str = "10", memory: str = "host", version: str | None = None):
     """Build a fake TensorRT module of ``generation`` (see the module docstring); ``mod.builds`` records each build.
 
-    Every build appends ``{"network_flags", "builder_flags", "strongly_typed", "fp16_initializers", "norm_layers",
-    "layernorm_scale_types", "pinned", "pinned_compute", "timing_entries_loaded"}`` to ``mod.builds``.
+    Every build appends ``{"network_flags", "builder_flags", "strongly_typed", "fp16_initializers", "qdq_nodes",
+    "norm_layers", "layernorm_scale_types", "pinned", "pinned_compute", "timing_entries_loaded"}`` to ``mod.builds``.
     """
     import onnxruntime as ort
 
@@ -158,6 +158,8 @@ def make_fake_tensorrt(generation: str = "10", memory: str = "host", version: st
         compute_precision = None
 
     mod.ILayer, mod.INormalizationLayer = ILayer, INormalizationLayer
+    if generation != "8.6":  # explicit quantization layers (TensorRT-RTX has them too, for weight-only int8/int4)
+        mod.IQuantizeLayer = type("IQuantizeLayer", (ILayer,), {})
 
     class Network:
         def __init__(self, flags: int) -> None:
@@ -270,6 +272,9 @@ def make_fake_tensorrt(generation: str = "10", memory: str = "host", version: st
                     "builder_flags": sorted(config.flags),
                     "strongly_typed": network.strongly_typed,
                     "fp16_initializers": fp16_inits,
+                    "qdq_nodes": sum(
+                        n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in network.model.graph.node
+                    ),
                     "norm_layers": len(norms),
                     "layernorm_scale_types": ln_scale_types,
                     "pinned": sum(layer.precision == _DT.FLOAT for layer in norms),

@@ -72,7 +72,7 @@ def _opts(cache_dir, **kw) -> BackendOptions:
     [
         ("8.6", "fp16-weak", "int8-calib"),
         ("10", "fp16-weak", "int8-calib"),
-        ("11", "fp16-strong", None),
+        ("11", "fp16-strong", "int8-qdq"),
         ("rtx", "fp16-strong", None),
     ],
 )
@@ -86,7 +86,7 @@ def test_plan_per_generation(generation, fp16_plan, int8_plan):
         with pytest.raises(BackendError) as err:
             choose_plan(caps, "int8")
         msg = str(err.value)
-        assert "INT8 calibration" in msg and "use precision fp16" in msg and "\n" not in msg and ". " not in msg
+        assert "explicit Q/DQ" in msg and "use precision fp16" in msg and "\n" not in msg and ". " not in msg
     assert caps.explicit_batch_flag == (generation == "8.6")
 
 
@@ -153,10 +153,22 @@ def test_fp32_build_clears_tf32_unless_asked(export, generation):
     assert [b["builder_flags"] for b in trt.builds] == [[], ["TF32"]]
 
 
-# ------------------------------------------------------------------------------------------------ missing capability
-def test_int8_on_strongly_typed_tensorrt_is_one_clear_error(bundle, cache, fake_gpu):
-    """TensorRT 11.x: int8 (no calibrators) fails before any export or build, in one sentence."""
+# ------------------------------------------------------------------------------------------------ int8
+def test_int8_on_tensorrt_11_is_explicit_qdq(bundle, cache, fake_gpu):
+    """TensorRT 11.x: no calibrator; the apr graph gets symmetric int8 Q/DQ pairs and builds strongly typed."""
     trt = make_fake_tensorrt("11")
+    be = TensorRTBackend(bundle, _opts(cache, precision="int8", calibration_images=random_images(2)), module=trt)
+    assert be.plan == "int8-qdq"
+    qdq = sorted(b["qdq_nodes"] for b in trt.builds)
+    assert qdq[0] == 0 and qdq[1] > 0  # refine stays fp32, apr quantised
+    assert all(b["strongly_typed"] and b["builder_flags"] == [] for b in trt.builds)
+    out = be.run_apr(random_images(1, seed=3))  # the Q/DQ graph runs (ONNX Runtime behind the fake engine)
+    assert torch.isfinite(out["pose"]).all()
+
+
+def test_int8_on_tensorrt_rtx_is_one_clear_error(bundle, cache, fake_gpu):
+    """TensorRT-RTX (int8 weight-only GEMMs only): int8 fails before any export or build, in one sentence."""
+    trt = make_fake_tensorrt("rtx")
     opts = _opts(cache, precision="int8", calibration_images=random_images(2))
     with pytest.raises(
         BackendError, match=r"^precision int8 needs TensorRT with INT8 calibration .* use precision fp16$"
@@ -185,8 +197,8 @@ def test_auto_falls_back_on_any_candidate_exception(bundle, cache, fake_gpu, mon
 
 
 def test_auto_int8_on_a_gpu_never_falls_back_to_the_cpu(bundle, cache, fake_gpu, monkeypatch):
-    """TensorRT 11.x on a GPU machine: int8 cannot be built, and auto does not quietly run ORT int8 on the CPU."""
-    _pretend_cuda(monkeypatch, make_fake_tensorrt("11"))
+    """TensorRT-RTX on a GPU machine: int8 cannot be built, and auto does not quietly run ORT int8 on the CPU."""
+    _pretend_cuda(monkeypatch, make_fake_tensorrt("rtx"))
     opts = BackendOptions(device="auto", precision="int8", cache_dir=cache, calibration_images=random_images(2))
     with pytest.raises(BackendError, match="needs TensorRT INT8 .* ask for backend onnxruntime with device cpu"):
         create_backend(bundle, "auto", opts)

@@ -10,7 +10,11 @@ fp16-weak     ``BuilderFlag.FP16`` exists (TensorRT 8.6-10.x): weakly typed netw
 fp16-strong   no FP16 flag (TensorRT 11.x, TensorRT-RTX): the ONNX graph is cast to fp16 (LayerNorm kept fp32, fp32
               I/O) and built as a strongly typed network
 int8-calib    ``BuilderFlag.INT8`` and ``IInt8EntropyCalibrator2`` exist (TensorRT 8.6-10.x): INT8 + FP16 flags with
-              entropy calibration over the given images; elsewhere int8 is refused with one sentence (no fallback)
+              entropy calibration over the given images
+int8-qdq      no calibrator but explicit quantization (``IQuantizeLayer``; TensorRT 11.x): the ONNX graph gets
+              symmetric int8 QuantizeLinear/DequantizeLinear pairs on Conv/MatMul/Gemm, calibrated on the given
+              images with ONNX Runtime, and is built strongly typed; TensorRT-RTX (int8 weight-only GEMMs only) and
+              anything else refuse int8 with one sentence (never a fallback)
 ============  ==========================================================================================================
 
 Builds reuse a **timing cache** stored beside the engine cache (``engines/timing/<module>-<version>-<gpu>.cache``) when
@@ -30,6 +34,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..fileio import atomic_write_bytes
@@ -41,9 +46,11 @@ __all__ = [
     "TrtCapabilities",
     "build_engine_bytes",
     "build_tensorrt_engine",
+    "calibration_sha256",
     "choose_plan",
     "import_tensorrt",
     "is_rtx",
+    "quantize_qdq_int8",
     "timing_cache_path",
     "trt_major",
 ]
@@ -52,7 +59,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_WORKSPACE_MB = 1024
 BUILDER_REVISION = 2  # bump when a build path changes what it builds (part of every engine cache key)
-PLANS = ("fp32", "fp16-weak", "fp16-strong", "int8-calib")
+PLANS = ("fp32", "fp16-weak", "fp16-strong", "int8-calib", "int8-qdq")
 
 
 def import_tensorrt() -> ModuleType:
@@ -87,6 +94,7 @@ class TrtCapabilities:
     version: str
     fp16_flag: bool  # BuilderFlag.FP16: weakly typed fp16 (8.6-10.x)
     int8_calibration: bool  # BuilderFlag.INT8 + IInt8EntropyCalibrator2 (8.6-10.x)
+    explicit_int8: bool  # Q/DQ graphs build to int8 kernels without a calibrator (11.x; not TensorRT-RTX)
     strongly_typed_flag: bool  # NetworkDefinitionCreationFlag.STRONGLY_TYPED (10.x opt-in; ignored on 11.x)
     explicit_batch_flag: bool  # EXPLICIT_BATCH must be requested (< 10; implicit batch was removed in 10.0)
     tf32_flag: bool
@@ -109,6 +117,7 @@ class TrtCapabilities:
             version=str(getattr(trt, "__version__", "?")),
             fp16_flag=hasattr(flags, "FP16"),
             int8_calibration=hasattr(flags, "INT8") and hasattr(trt, "IInt8EntropyCalibrator2"),
+            explicit_int8=hasattr(trt, "IQuantizeLayer") and not is_rtx(trt),
             strongly_typed_flag=hasattr(net_flags, "STRONGLY_TYPED"),
             explicit_batch_flag=hasattr(net_flags, "EXPLICIT_BATCH") and not is_rtx(trt) and trt_major(trt) < 10,
             tf32_flag=hasattr(flags, "TF32"),
@@ -132,9 +141,11 @@ def choose_plan(caps: TrtCapabilities, precision: str) -> str:
     if precision == "int8":
         if caps.int8_calibration:
             return "int8-calib"
+        if caps.explicit_int8:
+            return "int8-qdq"
         raise BackendError(
-            f"precision int8 needs TensorRT with INT8 calibration (BuilderFlag.INT8 and IInt8EntropyCalibrator2, "
-            f"TensorRT 8.6-10.x), which {caps.label} does not have; use precision fp16"
+            f"precision int8 needs TensorRT with INT8 calibration (TensorRT 8.6-10.x) or explicit Q/DQ quantization "
+            f"(TensorRT 11.x), which {caps.label} does not offer; use precision fp16"
         )
     raise BackendError(f"TensorRT precision '{precision}' is not one of fp32, fp16, int8")
 
@@ -219,6 +230,49 @@ def _make_calibrator(trt: ModuleType, network: Any, images: torch.Tensor, batch:
     return _Calibrator()
 
 
+def quantize_qdq_int8(src: Path, dst: Path, images: torch.Tensor) -> Path:
+    """Write ``src`` with symmetric int8 Q/DQ pairs on Conv/MatMul/Gemm, calibrated on ``images`` (N,3,H,W).
+
+    The explicit-quantization input TensorRT 11.x builds int8 kernels from (per-channel weights, per-tensor
+    activations, zero points 0), made with ONNX Runtime's static quantizer. Only the apr/encoder graphs take images.
+    """
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    model = onnx.load(str(src), load_external_data=False)
+    inputs = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
+    if "image" not in inputs:
+        raise BackendError(f"{src.name}: INT8 applies to the apr/encoder graphs (input 'image') only")
+    batch = max(1, inputs["image"][0])
+    if images is None or images.shape[0] < batch:
+        raise BackendError(f"INT8 calibration of {src.name} needs at least {batch} images (calibration_images)")
+    data = images.detach().to("cpu", torch.float32).contiguous().numpy()
+    feeds = [
+        {"image": data[i : i + batch], "scene_override": np.full((batch,), -1, dtype=np.int64)}
+        for i in range(0, data.shape[0] - batch + 1, batch)
+    ]
+
+    class _Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.items = iter(feeds)
+
+        def get_next(self) -> dict | None:
+            return next(self.items, None)
+
+    quantize_static(
+        str(src),
+        str(dst),
+        _Reader(),
+        quant_format=QuantFormat.QDQ,
+        activation_type=QuantType.QInt8,
+        weight_type=QuantType.QInt8,
+        per_channel=True,
+        op_types_to_quantize=["Conv", "MatMul", "Gemm"],
+        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
+    )
+    return dst
+
+
 def _batch_of(network: Any) -> int:
     shape = tuple(network.get_input(0).shape)
     return int(shape[0]) if shape and int(shape[0]) > 0 else 1
@@ -228,7 +282,7 @@ def _network_flags(trt: ModuleType, caps: TrtCapabilities, plan: str) -> int:
     flags = 0
     if caps.explicit_batch_flag:
         flags |= 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
-    if plan == "fp16-strong" and caps.strongly_typed_flag:  # required on 10.x, accepted and ignored on 11.x
+    if plan in ("fp16-strong", "int8-qdq") and caps.strongly_typed_flag:  # required on 10.x, ignored on 11.x
         flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     return flags
 
@@ -287,7 +341,7 @@ def build_engine_bytes(
     caps = TrtCapabilities.of(trt)
     plan = choose_plan(caps, precision)
     onnx_path = Path(onnx_path)
-    if plan == "int8-calib" and calibration is None:
+    if plan in ("int8-calib", "int8-qdq") and calibration is None:
         raise BackendError("an INT8 TensorRT engine needs calibration images (BackendOptions.calibration_images)")
     if not onnx_path.is_file():
         raise BackendError(f"{onnx_path}: no such ONNX file")
@@ -300,6 +354,9 @@ def build_engine_bytes(
                 onnx_path = convert_onnx_fp16(onnx_path, tmpdir / onnx_path.name, keep_layernorm_fp32)
             except ExportError as e:
                 raise BackendError(str(e)) from None
+        if plan == "int8-qdq":  # explicit quantization: the graph carries the int8 scales
+            tmpdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="apr_qdq_")))
+            onnx_path = quantize_qdq_int8(onnx_path, tmpdir / onnx_path.name, calibration)
         logger = trt.Logger(trt.Logger.WARNING)
         builder = trt.Builder(logger)
         network, _parser = _parse(trt, builder, logger, onnx_path, _network_flags(trt, caps, plan))

@@ -300,7 +300,10 @@ class LocalizerNode(LifecycleNode):
                 )
             if cfg.hint_enable:
                 self._subs["hint"] = self.create_subscription(
-                    PoseWithCovarianceStamped, cfg.hint_trigger_topic, lambda _m: self._hint_pending.set(), 10
+                    PoseWithCovarianceStamped,
+                    cfg.hint_trigger_topic,
+                    lambda _m: self._hint_pending.set(),
+                    qos_profile_sensor_data,  # best effort: matches a reliable or a best-effort trigger publisher
                 )
             self._srv = self.create_service(
                 Trigger, "~/relocalize", self._on_relocalize, callback_group=self._service_group

@@ -468,3 +468,70 @@ def test_scene_frames_alignment_and_allowed_scenes(tmp_path, node_env, harness, 
     finally:
         code = node.stop()
     assert code == 0, node.log()
+
+
+# --------------------------------------------------------------------------------------------- camera_info check
+def test_camera_info_is_checked_against_the_training_camera_in_the_model(tmp_path, node_env, harness, frames):
+    from model_fixtures import random_ms_transformer
+    from sensor_msgs.msg import CameraInfo
+
+    from apr_localizer.checkpoints import save_model
+
+    trained = {"fx": 500.0, "fy": 500.0, "cx": 320.0, "cy": 240.0, "width": 640, "height": 480}
+    model = save_model(
+        tmp_path / "model.safetensors", random_ms_transformer(num_scenes=3), provenance={"camera": trained}
+    )
+    name, topic = "apr_caminfo", "/caminfo/cam/image_raw"
+    params = _params(
+        model,
+        image_topic=topic,
+        output_pose="camera",
+        base_frame="",
+        camera_info_check="refuse",
+        camera_info_tolerance=0.05,
+    )
+    params_file = write_params(tmp_path / "params.yaml", params, node_name=name)
+    poses = harness.subscribe(PoseStamped, f"/{name}/pose", RELIABLE)
+    diags = harness.subscribe(DiagnosticArray, "/diagnostics", 100)
+    image_pub = harness.publisher(Image, topic, RELIABLE)
+    info_pub = harness.publisher(CameraInfo, "/caminfo/cam/camera_info", RELIABLE)
+
+    def info(fx: float) -> CameraInfo:  # the live camera runs at half the training resolution
+        return CameraInfo(width=320, height=240, k=[fx, 0.0, 160.0, 0.0, 250.0, 120.0, 0.0, 0.0, 1.0])
+
+    node = NodeProcess(params_file, node_env, tmp_path / "node.log", extra_args=["-r", f"__node:={name}"])
+    try:
+        harness.wait_subscribers(image_pub, timeout=90.0)
+        harness.wait_subscribers(info_pub)
+        small = np.ascontiguousarray(frames[0][::2, ::2])
+        info_pub.publish(info(400.0))  # 20 % off the scaled training focal length (250)
+        d = wait_until(
+            lambda: (
+                image_pub.publish(ros_convert.rgb_to_image(small, stamp=_now(), frame_id="cam"))
+                or next(
+                    (
+                        v
+                        for m in reversed(harness.snapshot(diags))
+                        if (v := diag_values(m, name)) and int(v["rejected_messages"]) >= 1
+                    ),
+                    None,
+                )
+            ),
+            WAIT_S,
+            "a frame refused for its camera_info",
+            poll=0.3,
+        )
+        assert "camera_info fx" in d["last_reject_reason"]  # refused: one sentence naming the value
+        info_pub.publish(info(250.0))
+        wait_until(
+            lambda: (
+                image_pub.publish(ros_convert.rgb_to_image(small, stamp=_now(), frame_id="cam")) or harness.count(poses)
+            ),
+            WAIT_S,
+            "a pose once camera_info matches",
+            poll=0.3,
+        )
+        assert node.alive()
+    finally:
+        code = node.stop()
+    assert code == 0, node.log()

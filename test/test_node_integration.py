@@ -535,3 +535,61 @@ def test_camera_info_is_checked_against_the_training_camera_in_the_model(tmp_pat
     finally:
         code = node.stop()
     assert code == 0, node.log()
+
+
+# --------------------------------------------------------------------------------------------- parameter fuzzing
+def _value(v) -> ParameterValue:
+    if isinstance(v, bool):
+        return ParameterValue(type=ParameterType.PARAMETER_BOOL, bool_value=v)
+    if isinstance(v, int):
+        return ParameterValue(type=ParameterType.PARAMETER_INTEGER, integer_value=v)
+    if isinstance(v, float):
+        return ParameterValue(type=ParameterType.PARAMETER_DOUBLE, double_value=v)
+    if isinstance(v, str):
+        return ParameterValue(type=ParameterType.PARAMETER_STRING, string_value=v)
+    if all(isinstance(x, float) for x in v):
+        return ParameterValue(type=ParameterType.PARAMETER_DOUBLE_ARRAY, double_array_value=list(v))
+    return ParameterValue(type=ParameterType.PARAMETER_STRING_ARRAY, string_array_value=list(v))
+
+
+FUZZ_VALUES = [
+    "bad topic!!", "", "x" * 65536, "/", "~", "a//b", "map\n", "scene: 1 2 3", "cuda:99999",
+    float("nan"), float("inf"), -float("inf"), 1.8e308, -1.0, 0.0, 0.002, 1e9,
+    -1, 0, 2**62, True, False,
+    [1e200, 1e200, 0.0, 0.0], [float("nan")] * 3, [1.8e308, 0.1, 0.1], [0.0, 0.0, 0.0, 0.0], ["a", "b"],
+]  # fmt: skip
+
+
+def test_parameter_fuzzing_through_the_services_never_breaks_the_node(tmp_path, node_env, harness):
+    from rclpy.parameter import parameter_value_to_python
+
+    from apr_localizer.node_params import PARAMS, validate
+
+    name = "apr_fuzz"
+    params_file = write_params(tmp_path / "params.yaml", {"autostart": False, "diagnostics_period_s": 0.1}, name)
+    diags = harness.subscribe(DiagnosticArray, "/diagnostics", 100)
+    node = NodeProcess(params_file, node_env, tmp_path / "node.log", extra_args=["-r", f"__node:={name}"])
+    writable = [p.name for p in PARAMS if not p.read_only]
+    try:
+        wait_until(lambda: harness.lifecycle_state(name) == "unconfigured", WAIT_S, "the node")
+        accepted = 0
+        for value in FUZZ_VALUES:
+            req = SetParameters.Request(parameters=[ParameterMsg(name=n, value=_value(value)) for n in writable])
+            results = harness.call(SetParameters, f"/{name}/set_parameters", req).results
+            assert len(results) == len(writable)
+            for r in results:
+                assert r.successful or (r.reason and "\n" not in r.reason and len(r.reason) < 600), r.reason
+            accepted += sum(r.successful for r in results)
+            assert node.alive(), node.log()
+        got = harness.call(GetParameters, f"/{name}/get_parameters", GetParameters.Request(names=writable)).values
+        for n, v in zip(writable, got):
+            assert validate(n, parameter_value_to_python(v)) is None, n  # whatever it holds now is usable
+        n_diag = harness.count(diags)
+        harness.wait_count(diags, n_diag + 3, what="diagnostics after the fuzzing")  # the timer still runs
+        assert not harness.change_state(name, "configure")  # no model: refused cleanly
+        assert node.alive() and accepted > 0
+    finally:
+        code = node.stop()
+    log = node.log()
+    assert code == 0, log
+    assert "Traceback" not in log

@@ -40,7 +40,13 @@ import torch
 from model_fixtures import random_iapr, random_ms_transformer
 
 from apr_localizer.backends.base import BackendError
-from apr_localizer.backends.engine_cache import EngineCache, EngineKey, cached_onnx_export, export_cache_key
+from apr_localizer.backends.engine_cache import (
+    EngineCache,
+    EngineKey,
+    cached_derivative,
+    cached_onnx_export,
+    export_cache_key,
+)
 from apr_localizer.checkpoints import ModelBundle, save_model
 from apr_localizer.export import load_export
 
@@ -211,6 +217,11 @@ def test_read_only_cache_is_used_while_intact_and_refused_when_damaged(bundle, p
     shutil.copytree(pristine, tmp_path, dirs_exist_ok=True)
     EngineCache(tmp_path).get_or_build(_key(), lambda: PLAN, _deserialize)
     entry = _entry(tmp_path, bundle)
+    derived = cached_derivative(entry / "refine.onnx", "copy", shutil.copyfile)  # like ORT's int8 / fp16 graphs
+    with _read_only(entry):
+        assert cached_derivative(entry / "refine.onnx", "copy", shutil.copyfile) == derived
+        with pytest.raises(BackendError, match="not writable and holds no intact other graph"):
+            cached_derivative(entry / "refine.onnx", "other", shutil.copyfile)
     with _read_only(tmp_path / "onnx"), _read_only(tmp_path / "engines"):
         assert cached_onnx_export(bundle, tmp_path).reused
         assert EngineCache(tmp_path).get_or_build(_key(), lambda: PLAN, _deserialize) == PLAN

@@ -432,18 +432,32 @@ def cached_derivative(source: Path, variant: str, make: Callable[[Path, Path], A
     """
     dst = source.with_name(f"{source.stem}.{variant}.onnx")
     record = dst.with_suffix(".json")
+    if _read_only(dst.parent):
+        if _derivative_ok(dst, record, file_sha256(source)):
+            return dst
+        raise BackendError(
+            f"{dst.parent}: the cache directory is not writable and holds no intact {variant} graph; make it "
+            "writable or set cache_dir elsewhere"
+        )
     with file_lock(dst.with_suffix(".lock"), lock_timeout(600.0)):
         _remove_tmp(dst.parent, f".{dst.name}.")
         src_sha = file_sha256(source)
-        try:
-            meta = json.loads(_read_bounded(record, MAX_RECORD_BYTES))
-            if meta.get("source_sha256") == src_sha and meta.get("sha256") == file_sha256(dst):
-                return dst
-            log.warning("%s does not match its record; making it again", dst)
-        except (OSError, ValueError, AttributeError):
-            pass
+        if _derivative_ok(dst, record, src_sha):
+            return dst
         with atomic_path(dst) as tmp:
             make(source, tmp)
         meta = {"variant": variant, "source": source.name, "source_sha256": src_sha, "sha256": file_sha256(dst)}
         atomic_write_text(record, json.dumps(meta, indent=2) + "\n")
         return dst
+
+
+def _derivative_ok(dst: Path, record: Path, src_sha: str) -> bool:
+    """Tell whether ``dst`` matches its record and was made from the source with sha256 ``src_sha``."""
+    try:
+        meta = json.loads(_read_bounded(record, MAX_RECORD_BYTES))
+        if meta.get("source_sha256") == src_sha and meta.get("sha256") == file_sha256(dst):
+            return True
+        log.warning("%s does not match its record; making it again", dst)
+    except (OSError, ValueError, AttributeError):
+        pass
+    return False

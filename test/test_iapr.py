@@ -8,7 +8,7 @@ import torch
 from model_fixtures import random_iapr, random_images, random_ms_transformer
 
 from apr_localizer import geometry as g
-from apr_localizer.models import RefinementStep, localize_apr_iapr
+from apr_localizer.models import localize_apr_iapr
 
 
 @pytest.fixture(scope="module")
@@ -76,17 +76,6 @@ def test_shared_encoder_path_equals_separate_encoder_path():
         a = localize_apr_iapr(apr, shared, images, 3)
         b = shared.refine(images, a["apr_pose"], a["scene"], 3)
     torch.testing.assert_close(a["poses"], b["poses"], rtol=0, atol=1e-6)
-
-
-def test_refinement_step_module_matches_step(models):
-    apr, iapr = models
-    images = random_images(1, seed=3)
-    with torch.inference_mode():
-        out = apr(images)
-        lt, lr = iapr.query_latents(images, out["scene"])
-        step = RefinementStep(iapr)(lt, lr, out["pose"], out["scene"])
-        ref = iapr.step(lt, lr, out["pose"], out["scene"])
-    torch.testing.assert_close(step, ref, rtol=0, atol=0)
 
 
 def test_zero_iterations_returns_the_apr_estimate(models):

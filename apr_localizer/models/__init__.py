@@ -4,7 +4,7 @@ from .backbone import EfficientNetB0Features, calibrate_batchnorm
 from .losses import CameraPoseLoss, scene_nll_loss
 from .ms_transformer import MSTransformer, MSTransformerConfig, PoseRegressor, build_ms_transformer
 from .pae import PAEConfig, PoseAutoEncoder, build_pae, nerf_encoding
-from .rpr import IAPR, IAPRConfig, RefinementStep, build_iapr, localize_apr_iapr
+from .rpr import IAPR, IAPRConfig, build_iapr, localize_apr_iapr
 
 __all__ = [
     "IAPR",
@@ -16,7 +16,6 @@ __all__ = [
     "PAEConfig",
     "PoseAutoEncoder",
     "PoseRegressor",
-    "RefinementStep",
     "build_iapr",
     "calibrate_batchnorm",
     "build_ms_transformer",

@@ -20,7 +20,7 @@ from .ms_transformer import MSTransformer, MSTransformerConfig, PoseRegressor
 from .pae import PAEConfig, PoseAutoEncoder
 from .transformer import PostNormEncoder
 
-__all__ = ["IAPR", "IAPRConfig", "RefinementStep", "build_iapr", "localize_apr_iapr"]
+__all__ = ["IAPR", "IAPRConfig", "build_iapr", "localize_apr_iapr"]
 
 
 @dataclass
@@ -152,19 +152,6 @@ class IAPR(nn.Module):
             poses.append(pose)
         stacked = torch.stack(poses) if poses else initial_pose.new_zeros((0,) + tuple(initial_pose.shape))
         return {"pose": pose, "poses": stacked}
-
-
-class RefinementStep(nn.Module):
-    """The exported refinement graph: ``(latent_t, latent_rot, pose (B,7), scene (B,) int64) -> pose (B,7)``."""
-
-    def __init__(self, iapr: IAPR) -> None:
-        super().__init__()
-        self.iapr = iapr
-
-    def forward(
-        self, latent_t: torch.Tensor, latent_rot: torch.Tensor, pose: torch.Tensor, scene: torch.Tensor
-    ) -> torch.Tensor:
-        return self.iapr.step(latent_t, latent_rot, pose, scene)
 
 
 def build_iapr(config: IAPRConfig | dict | None = None, mstransformer: MSTransformer | None = None) -> IAPR:

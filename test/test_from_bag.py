@@ -15,9 +15,9 @@ from apr_training.bags import io as bagio
 from apr_training.bags.ground_truth import parse_spec
 from apr_training.cli.synth import synth_main
 from apr_training.datasets.from_bag import ExtractError, extract_dataset
-from apr_training.datasets.labels import read_labels
+from apr_training.datasets.labels import LABEL_COLUMNS, read_labels
 from apr_training.synthetic.render import Intrinsics
-from apr_training.synthetic.writer import LABEL_COLUMNS, make_sequence_trajectory, render_sequence
+from apr_training.synthetic.writer import make_sequence_trajectory, render_sequence
 
 T0 = 1_700_000_000_000_000_000
 PERIOD = 100_000_000  # images at 10 Hz

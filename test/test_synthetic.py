@@ -13,11 +13,12 @@ from PIL import Image
 
 from apr_localizer import geometry
 from apr_training.cli.synth import synth_main
+from apr_training.datasets.labels import LABEL_COLUMNS
 from apr_training.synthetic import scenes as scenes_mod
 from apr_training.synthetic.render import Intrinsics, project_points, render_buffers, render_frame
 from apr_training.synthetic.scenes import SCENE_STYLES, Lighting, make_scene, vary_lighting
 from apr_training.synthetic.trajectory import TrajectoryParams, camera_rotation, sequence_trajectory
-from apr_training.synthetic.writer import LABEL_COLUMNS, frame_lightings, render_sequence, write_dataset
+from apr_training.synthetic.writer import frame_lightings, render_sequence, write_dataset
 
 W, H = 64, 48
 K = Intrinsics(fx=50.0, fy=50.0, cx=32.0, cy=24.0)  # integer principal point: the optical axis hits pixel (24, 32)

@@ -8,7 +8,6 @@ optical convention (x right, y down, z forward; map z up). Everything is determi
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import zlib
@@ -21,12 +20,12 @@ import numpy as np
 
 from apr_localizer import geometry
 
+from ..datasets.labels import LabelRow, write_labels
 from .render import Intrinsics, render_frame
 from .scenes import make_scene, vary_lighting
 
 __all__ = ["TrajectoryConfig", "look_rotation", "make_trajectory", "write_label_dataset", "write_trajectory_bag"]
 
-LABEL_COLUMNS = ["scene", "split", "seq", "img_path", "t1", "t2", "t3", "q1", "q2", "q3", "q4"]
 
 
 @dataclass(frozen=True)
@@ -174,7 +173,7 @@ def write_label_dataset(
     out = Path(out)
     k = default_intrinsics(width, height)
     cfg = TrajectoryConfig(frames=frames, step_m=step_m)
-    rows: dict[str, list[list]] = {"train": [], "test": []}
+    rows: dict[str, list[LabelRow]] = {"train": [], "test": []}
     jobs = []
     for scene_name in scenes:
         scene = make_scene(scene_name, seed)
@@ -185,7 +184,8 @@ def write_label_dataset(
                 (out / scene_name / seq).mkdir(parents=True, exist_ok=True)
                 for i, pose in enumerate(poses):
                     rel = f"{scene_name}/{seq}/frame-{i:06d}.color.png"
-                    rows[split].append([scene_name, split, seq, rel, *(f"{v:.9g}" for v in pose)])
+                    label = tuple(float(f"{v:.9g}") for v in pose)  # 9 digits, as the demo model's data was written
+                    rows[split].append(LabelRow(scene_name, split, seq, rel, label))
                     jobs.append(
                         (scene_name, seed, pose, _seed(scene_name, seq, i, seed), str(out / rel), width, height, k)
                     )
@@ -202,10 +202,7 @@ def write_label_dataset(
         ):
             pass
     for split, r in rows.items():
-        with open(out / f"{split}.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(LABEL_COLUMNS)
-            w.writerows(r)
+        write_labels(out / f"{split}.csv", r)
     info = {
         "scenes": list(scenes),
         "seed": seed,

@@ -14,7 +14,6 @@ continues the numbering) over the same walkable area of each scene.
 
 from __future__ import annotations
 
-import csv
 import json
 import multiprocessing as mp
 import sys
@@ -28,13 +27,13 @@ from PIL import Image
 
 from apr_localizer.geometry import pose_to_matrix
 
+from ..datasets.labels import LabelRow, write_labels
 from .render import Intrinsics, render_buffers
 from .scenes import Lighting, make_scene, stable_seed, vary_lighting
 from .trajectory import Trajectory, TrajectoryParams, sequence_trajectory
 
 __all__ = [
     "DEFAULT_SCENES",
-    "LABEL_COLUMNS",
     "SequencePlan",
     "frame_lightings",
     "make_sequence_trajectory",
@@ -43,7 +42,6 @@ __all__ = [
     "write_dataset",
 ]
 
-LABEL_COLUMNS = ("scene", "split", "seq", "img_path", "t1", "t2", "t3", "q1", "q2", "q3", "q4")
 DEFAULT_SCENES = ("office", "kitchen", "library", "warehouse")
 _CHUNK = 8
 
@@ -142,10 +140,6 @@ def _render_chunk(task: dict) -> int:
     return len(task["frames"])
 
 
-def _fmt(v: float) -> str:
-    return repr(float(v))
-
-
 def write_dataset(
     out_dir: str | Path,
     scenes: Sequence[str] = DEFAULT_SCENES,
@@ -194,7 +188,7 @@ def write_dataset(
     k = Intrinsics.from_hfov(width, height, hfov_deg)
     plans = plan_sequences(scenes, train_seqs, test_seqs, frames_per_seq)
 
-    rows: dict[str, list[list[str]]] = {"train": [], "test": []}
+    rows: dict[str, list[LabelRow]] = {"train": [], "test": []}
     tasks = []
     for plan in plans:
         _, poses = _sequence_poses(plan, seed, fps, params)
@@ -205,7 +199,7 @@ def write_dataset(
         seq_dir.mkdir(parents=True, exist_ok=True)
         for i, p in enumerate(poses):
             img = f"{plan.scene}/{plan.seq}/frame-{i:06d}.color.png"
-            rows[plan.split].append([plan.scene, plan.split, plan.seq, img, *(_fmt(v) for v in p)])
+            rows[plan.split].append(LabelRow(plan.scene, plan.split, plan.seq, img, tuple(float(v) for v in p)))
         for s in range(0, plan.n_frames, _CHUNK):
             e = min(s + _CHUNK, plan.n_frames)
             tasks.append(
@@ -239,10 +233,7 @@ def write_dataset(
     elapsed = time.perf_counter() - t0
 
     for split, path in (("train", train_csv), ("test", test_csv)):
-        with open(path, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(LABEL_COLUMNS)
-            w.writerows(rows[split])
+        write_labels(path, rows[split])
     (out / "intrinsics.json").write_text(json.dumps(k.to_dict(width, height), indent=2) + "\n")
     summary = {
         "generator": "apr_training.synthetic",

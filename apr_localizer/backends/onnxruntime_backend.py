@@ -142,7 +142,11 @@ class OnnxRuntimeBackend(GraphBackend):
             self.device = str(dev)
             # A dedicated stream: ONNX Runtime treats handle 0 (torch's default stream) as "no user stream".
             self.stream = torch.cuda.Stream(dev)
-            cuda_opts = {"device_id": index, "user_compute_stream": str(self.stream.cuda_stream)}
+            cuda_opts = {
+                "device_id": index,
+                "user_compute_stream": str(self.stream.cuda_stream),
+                "use_tf32": "1" if options.tf32 else "0",  # the CUDA provider's default is on: fp32 means fp32
+            }
             providers: list = [("CUDAExecutionProvider", cuda_opts), "CPUExecutionProvider"]
         else:
             providers = ["CPUExecutionProvider"]

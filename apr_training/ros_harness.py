@@ -52,7 +52,7 @@ __all__ = [
 
 DOMAIN_RANGE = range(1, 101)  # 0 is everybody's default; ids above 100 can collide with ephemeral ports
 NODE_NAME = "apr_localizer"
-WAIT_S = 20.0  # default timeout of every wait (>= 10 s: discovery alone can take ~2.7 s)
+WAIT_S = 20.0  # default timeout of every wait (well above DDS discovery time, see docs/performance.md)
 SOURCE_ROOT = Path(__file__).resolve().parents[1]  # the directory holding apr_localizer/ and apr_training/
 _ENV_KEYS = (
     "ROS_AUTOMATIC_DISCOVERY_RANGE",
@@ -396,10 +396,6 @@ def diag_values(msg: Any, node_name: str = NODE_NAME) -> dict[str, Any] | None:
     return None
 
 
-def _stamp_ns(header: Any) -> int:
-    return int(header.stamp.sec) * 1_000_000_000 + int(header.stamp.nanosec)
-
-
 class NodeMonitor:
     """Records a node's ``~/pose`` and ``/diagnostics`` (with receipt times) on a :class:`RosHarness` node."""
 
@@ -415,18 +411,18 @@ class NodeMonitor:
 
     def poses(self) -> list[tuple[int, int, np.ndarray]]:
         """``(stamp_ns, receipt_ns, pose (7,))`` of every received ``~/pose`` in receipt order."""
-        from apr_localizer.geometry import quat_from_ros
+        from apr_localizer.ros_convert import pose_from_msg, time_to_ns
 
-        out = []
-        for r in self.recorder.snapshot(self.pose_topic):
-            p, q = r.msg.pose.position, r.msg.pose.orientation
-            pose = np.array([p.x, p.y, p.z, *quat_from_ros([q.x, q.y, q.z, q.w])], dtype=np.float64)
-            out.append((_stamp_ns(r.msg.header), r.receipt_ns, pose))
-        return out
+        return [
+            (time_to_ns(r.msg.header.stamp), r.receipt_ns, pose_from_msg(r.msg.pose))
+            for r in self.recorder.snapshot(self.pose_topic)
+        ]
 
     def pose_stamps(self) -> set[int]:
         """``header.stamp`` (ns) of every received ``~/pose``."""
-        return {_stamp_ns(r.msg.header) for r in self.recorder.snapshot(self.pose_topic)}
+        from apr_localizer.ros_convert import time_to_ns
+
+        return {time_to_ns(r.msg.header.stamp) for r in self.recorder.snapshot(self.pose_topic)}
 
     def pose_count(self) -> int:
         return self.recorder.count(self.pose_topic)

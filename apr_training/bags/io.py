@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from apr_localizer.geometry import pose_compose, pose_inverse, quat_from_ros, quat_normalize, quat_to_ros
-from apr_localizer.tf_buffer import TfBuffer
+from apr_localizer.tf_buffer import TfBuffer, transform_msg_pose
 
 __all__ = [
     "IMAGE_MSGTYPES",
@@ -322,11 +322,11 @@ def pose_from_msg(msg: Any, msgtype: str | None = None) -> np.ndarray:
     if msgtype in ("geometry_msgs/msg/PoseWithCovarianceStamped", "nav_msgs/msg/Odometry"):
         return _pose7(msg.pose.pose.position, msg.pose.pose.orientation)
     if msgtype == "geometry_msgs/msg/TransformStamped":
-        return _pose7(msg.transform.translation, msg.transform.rotation)
+        return transform_msg_pose(msg.transform)
     if msgtype == "geometry_msgs/msg/Pose":
         return _pose7(msg.position, msg.orientation)
     if msgtype == "geometry_msgs/msg/Transform":
-        return _pose7(msg.translation, msg.rotation)
+        return transform_msg_pose(msg)
     raise ValueError(
         f"cannot read a pose from a {msgtype or type(msg).__name__} message; expected one of {', '.join(POSE_MSGTYPES)}"
     )

@@ -25,8 +25,8 @@ receipt time first thing in the callback and matches poses to images by stamp. P
 The last phase, the *flood* (``--flood-rate``, default 100 Hz for ``--flood-duration``, default 120 s), shows that
 the node sheds load instead of queueing (latency stays bounded, drops grow) and that its memory does not grow.
 Every process runs with ``ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST``, a private ``ROS_DOMAIN_ID``, a temporary
-``ROS_LOG_DIR`` and the shared-memory Fast DDS profile (``config/fastdds_shm_big.xml``; without it a 900 KB image
-takes ~12 ms per hop instead of ~1.7 ms); what the command sets is printed.
+``ROS_LOG_DIR`` and the shared-memory Fast DDS profile (``config/fastdds_shm_big.xml``; docs/performance.md has
+the transport cost with and without it); what the command sets is printed.
 
 Without ``--model`` a random-weight model of ``--arch`` (default: the published architecture with iAPR) is written to
 a temporary file: its costs equal a trained model's. The JSON report is ``{"node": {...}}`` so that it can sit

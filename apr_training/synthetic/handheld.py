@@ -27,7 +27,6 @@ from .scenes import make_scene, vary_lighting
 __all__ = ["TrajectoryConfig", "look_rotation", "make_trajectory", "write_label_dataset", "write_trajectory_bag"]
 
 
-
 @dataclass(frozen=True)
 class TrajectoryConfig:
     """Shape of a handheld trajectory."""

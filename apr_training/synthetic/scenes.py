@@ -12,16 +12,15 @@ ordered ``-x, +x, -y, +y, -z, +z`` in the box's own frame. Each surface owns a t
 
 from __future__ import annotations
 
-import colorsys
 import hashlib
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
-import cv2
 import numpy as np
-from PIL import Image, ImageDraw
+
+from .furniture import Box, Layout, furnish
+from .textures import TEXTURES, Palette, add_posters
 
 __all__ = [
     "FACE_NAMES",
@@ -126,33 +125,6 @@ def vary_lighting(base: Lighting, rng: np.random.Generator, amount: float = 1.0)
 
 
 # --------------------------------------------------------------------------------------------------- geometry
-@dataclass(frozen=True)
-class Box:
-    """Box with centre, half extents (in its own frame) and rotation ``yaw`` (rad) about the map z axis."""
-
-    kind: str
-    center: tuple[float, float, float]
-    half: tuple[float, float, float]
-    yaw: float = 0.0
-
-    def corners(self) -> np.ndarray:
-        """Return the 8 corners in the map frame, ``(8, 3)``."""
-        s = np.array([[i, j, k] for i in (-1, 1) for j in (-1, 1) for k in (-1, 1)], dtype=np.float64)
-        local = s * np.asarray(self.half)
-        c, sn = math.cos(self.yaw), math.sin(self.yaw)
-        rot = np.array([[c, -sn, 0.0], [sn, c, 0.0], [0.0, 0.0, 1.0]])
-        return local @ rot.T + np.asarray(self.center)
-
-    def footprint_distance(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        """Horizontal distance (m) from map points ``(x, y)`` to the box footprint (0 inside)."""
-        c, s = math.cos(self.yaw), math.sin(self.yaw)
-        px, py = x - self.center[0], y - self.center[1]
-        lx, ly = c * px + s * py, -s * px + c * py
-        dx = np.maximum(np.abs(lx) - self.half[0], 0.0)
-        dy = np.maximum(np.abs(ly) - self.half[1], 0.0)
-        return np.hypot(dx, dy)
-
-
 @dataclass(frozen=True)
 class _Style:
     """Scene style preset: room size ranges, palette, texture kinds per surface role, furniture builder."""
@@ -385,466 +357,6 @@ def sample_atlas(scene: Scene, surface: np.ndarray, u: np.ndarray, v: np.ndarray
     return top + fv * (bot - top)
 
 
-# --------------------------------------------------------------------------------------------------- colours
-class _Palette:
-    def __init__(self, style: _Style, rng: np.random.Generator):
-        self.style = style
-        self.rng = rng
-
-    def base(self, val: tuple[float, float] | None = None, sat: tuple[float, float] | None = None) -> np.ndarray:
-        s = self.style
-        h = (s.hue + self.rng.uniform(-s.hue_spread, s.hue_spread)) % 1.0
-        sat_ = self.rng.uniform(*(sat or s.sat))
-        val_ = self.rng.uniform(*(val or s.val))
-        return np.array(colorsys.hsv_to_rgb(h, sat_, val_), dtype=np.float32)
-
-    def accent(self) -> np.ndarray:
-        h = self.rng.uniform(0.0, 1.0)
-        return np.array(
-            colorsys.hsv_to_rgb(h, self.rng.uniform(*self.style.accent_sat), self.rng.uniform(0.45, 1.0)),
-            dtype=np.float32,
-        )
-
-    def contrast(self, c: np.ndarray) -> np.ndarray:
-        """Return a colour that differs clearly in value from ``c``."""
-        v = float(np.max(c))
-        target = (0.15, 0.45) if v > 0.6 else (0.7, 0.98)
-        return self.base(val=target)
-
-
-# --------------------------------------------------------------------------------------------------- textures
-def _grid(th: int, tw: int, res: float) -> tuple[np.ndarray, np.ndarray]:
-    """Texel-centre coordinates in metres, ``u`` (1, tw) and ``v`` (th, 1)."""
-    u = ((np.arange(tw, dtype=np.float32) + 0.5) / res)[None, :]
-    v = ((np.arange(th, dtype=np.float32) + 0.5) / res)[:, None]
-    return u, v
-
-
-def _value_noise(rng: np.random.Generator, th: int, tw: int, cell: float, octaves: int = 3) -> np.ndarray:
-    """Smooth value noise in [0, 1], ``(th, tw)`` float32; ``cell`` is the coarsest lattice spacing in texels."""
-    out = np.zeros((th, tw), np.float32)
-    amp, total = 1.0, 0.0
-    for o in range(octaves):
-        c = max(cell / (2**o), 1.5)
-        gh, gw = int(th / c) + 3, int(tw / c) + 3
-        lat = rng.random((gh, gw), dtype=np.float32)
-        ys = np.arange(th, dtype=np.float32) / c
-        xs = np.arange(tw, dtype=np.float32) / c
-        y0, x0 = ys.astype(np.int64), xs.astype(np.int64)
-        fy, fx = ys - y0, xs - x0
-        fy, fx = (fy * fy * (3 - 2 * fy))[:, None], (fx * fx * (3 - 2 * fx))[None, :]
-        a = lat[y0][:, x0]
-        b = lat[y0][:, x0 + 1]
-        cc = lat[y0 + 1][:, x0]
-        d = lat[y0 + 1][:, x0 + 1]
-        out += amp * ((a * (1 - fx) + b * fx) * (1 - fy) + (cc * (1 - fx) + d * fx) * fy)
-        total += amp
-        amp *= 0.5
-    return out / total
-
-
-def _mix(c1: np.ndarray, c2: np.ndarray, t: np.ndarray) -> np.ndarray:
-    t = t[..., None]
-    return c1 * (1 - t) + c2 * t
-
-
-def _tex_paint(rng, pal, th, tw, res):
-    c = pal.base()
-    n = _value_noise(rng, th, tw, res * 0.8, 3)
-    return c * (0.88 + 0.24 * n[..., None])
-
-
-def _tex_noise(rng, pal, th, tw, res):
-    c1, c2 = pal.base(), pal.base()
-    if np.abs(c1 - c2).max() < 0.15:
-        c2 = pal.contrast(c1)
-    n = _value_noise(rng, th, tw, res * rng.uniform(0.15, 0.6), 4)
-    return _mix(c1, c2, np.clip((n - 0.5) * 2.2 + 0.5, 0, 1))
-
-
-def _tex_checker(rng, pal, th, tw, res):
-    c1 = pal.base()
-    c2 = pal.contrast(c1)
-    s = rng.uniform(0.25, 0.6)
-    u, v = _grid(th, tw, res)
-    ph = rng.uniform(0, s, 2)
-    m = ((np.floor((u + ph[0]) / s) + np.floor((v + ph[1]) / s)) % 2).astype(np.float32)
-    out = _mix(c1, c2, m)
-    return out * (0.93 + 0.14 * _value_noise(rng, th, tw, res * 0.3, 2)[..., None])
-
-
-def _tex_tiles(rng, pal, th, tw, res):
-    c = pal.base()
-    grout = pal.contrast(c) * 0.9
-    s = rng.uniform(0.15, 0.45)
-    u, v = _grid(th, tw, res)
-    iu, iv = np.floor(u / s), np.floor(v / s)
-    key = (iu * 7919 + iv * 104729) % 97
-    jitter = (0.9 + 0.2 * (np.sin(key * 12.9898) * 0.5 + 0.5)).astype(np.float32)
-    out = c * jitter[..., None]
-    line = ((u % s) < 0.012) | ((v % s) < 0.012)
-    out = np.where(line[..., None], grout, out)
-    return out.astype(np.float32)
-
-
-def _tex_stripes(rng, pal, th, tw, res):
-    n = int(rng.integers(2, 4))
-    cols = [pal.base()]
-    for _ in range(n - 1):
-        cols.append(pal.accent() if rng.random() < 0.4 else pal.contrast(cols[-1]))
-    period = rng.uniform(0.12, 0.7)
-    ang = float(rng.choice([0.0, math.pi / 2, math.pi / 4, rng.uniform(0, math.pi)]))
-    u, v = _grid(th, tw, res)
-    coord = u * math.cos(ang) + v * math.sin(ang)
-    idx = (np.floor(coord / period * n) % n).astype(np.int64)
-    out = np.stack(cols)[idx]
-    return out * (0.94 + 0.12 * _value_noise(rng, th, tw, res * 0.4, 2)[..., None])
-
-
-def _tex_gradient(rng, pal, th, tw, res):
-    c1, c2 = pal.base(), pal.accent()
-    ang = rng.uniform(0, 2 * math.pi)
-    u, v = _grid(th, tw, res)
-    coord = u * math.cos(ang) + v * math.sin(ang)
-    t = (coord - coord.min()) / max(float(coord.max() - coord.min()), 1e-6)
-    t = 0.5 + 0.5 * np.sin(t * math.pi * rng.uniform(1.0, 3.0) + rng.uniform(0, 6.28))
-    return _mix(c1, c2, t.astype(np.float32)) * (0.92 + 0.16 * _value_noise(rng, th, tw, res * 0.5, 3)[..., None])
-
-
-def _tex_wood(rng, pal, th, tw, res):
-    light = np.array(
-        colorsys.hsv_to_rgb(rng.uniform(0.05, 0.11), rng.uniform(0.4, 0.7), rng.uniform(0.55, 0.85)), np.float32
-    )
-    dark = light * rng.uniform(0.45, 0.7)
-    plank = rng.uniform(0.12, 0.3)
-    along_u = rng.random() < 0.5
-    u, v = _grid(th, tw, res)
-    a, b = (u, v) if along_u else (v, u)  # grain runs along a, planks stacked along b
-    a, b = np.broadcast_to(a, (th, tw)), np.broadcast_to(b, (th, tw))
-    pid = np.floor(b / plank)
-    shift = (np.sin(pid * 78.233) * 43758.5453) % 1.0
-    n = _value_noise(rng, th, tw, res * 0.25, 3)
-    rings = 0.5 + 0.5 * np.sin((b * 25.0 + n * 6.0 + shift * 10.0) * rng.uniform(1.5, 3.0) + a * 0.8)
-    tone = (0.85 + 0.3 * shift).astype(np.float32)
-    out = _mix(dark, light, (rings**2).astype(np.float32)) * tone[..., None]
-    seam = (b % plank) < 0.008
-    return np.where(seam[..., None], dark * 0.6, out).astype(np.float32)
-
-
-def _tex_bricks(rng, pal, th, tw, res):
-    c = pal.base()
-    mortar = pal.contrast(c)
-    bw, bh = rng.uniform(0.2, 0.35), rng.uniform(0.06, 0.12)
-    u, v = _grid(th, tw, res)
-    row = np.floor(v / bh)
-    uu = u + (row % 2) * bw * 0.5
-    col = np.floor(uu / bw)
-    key = np.sin(row * 12.9898 + col * 78.233) * 43758.5453 % 1.0
-    out = c * (0.8 + 0.4 * key[..., None]).astype(np.float32)
-    line = ((uu % bw) < 0.012) | ((v % bh) < 0.01)
-    out = np.where(line[..., None], mortar, out)
-    return out.astype(np.float32) * (0.93 + 0.14 * _value_noise(rng, th, tw, res * 0.2, 2)[..., None])
-
-
-def _tex_panels(rng, pal, th, tw, res):
-    c = pal.base(val=(0.75, 0.95), sat=(0.0, 0.1))
-    line_c = c * rng.uniform(0.5, 0.7)
-    s = rng.uniform(0.5, 0.7)
-    u, v = _grid(th, tw, res)
-    line = ((u % s) < 0.02) | ((v % s) < 0.02)
-    key = (np.floor(u / s) * 3 + np.floor(v / s) * 5) % 7
-    lamp = (key == 0) & ((u % s) > 0.1) & ((v % s) > 0.1) & ((u % s) < s - 0.08) & ((v % s) < s - 0.08)
-    out = np.broadcast_to(c, (th, tw, 3)).copy()
-    out[np.broadcast_to(lamp, (th, tw))] = np.minimum(c * 1.2, 1.0)
-    out[np.broadcast_to(line, (th, tw))] = line_c
-    return out * (0.95 + 0.1 * _value_noise(rng, th, tw, res * 0.3, 2)[..., None])
-
-
-def _tex_books(rng, pal, th, tw, res):
-    """Shelf front: horizontal boards with book spines of random widths and colours."""
-    out = np.empty((th, tw, 3), np.float32)
-    board = np.array(colorsys.hsv_to_rgb(rng.uniform(0.05, 0.1), 0.55, rng.uniform(0.35, 0.6)), np.float32)
-    out[:] = board * 0.6
-    shelf_h = rng.uniform(0.3, 0.42)
-    n_rows = max(int(th / (shelf_h * res)), 1)
-    for r in range(n_rows):
-        y0 = int(r * shelf_h * res + 0.03 * res)
-        y1 = int((r + 1) * shelf_h * res)
-        out[max(y0 - int(0.03 * res), 0) : y0] = board
-        x = 0
-        while x < tw:
-            w = int(rng.uniform(0.02, 0.07) * res) + 1
-            top = y0 + int(rng.uniform(0.0, 0.1) * res)
-            col = pal.accent() * rng.uniform(0.5, 0.95) if rng.random() < 0.7 else pal.base()
-            out[top:y1, x : x + w] = col
-            x += w + (int(rng.uniform(0.05, 0.3) * res) if rng.random() < 0.08 else 0)
-    return out
-
-
-_TEXTURES: dict[str, Callable] = {
-    "paint": _tex_paint,
-    "noise": _tex_noise,
-    "checker": _tex_checker,
-    "tiles": _tex_tiles,
-    "stripes": _tex_stripes,
-    "gradient": _tex_gradient,
-    "wood": _tex_wood,
-    "bricks": _tex_bricks,
-    "panels": _tex_panels,
-    "books": _tex_books,
-}
-
-
-def _add_posters(
-    img: np.ndarray, rng: np.random.Generator, pal: _Palette, res: float, count: int, v_range: tuple[float, float]
-) -> np.ndarray:
-    """Paste ``count`` framed posters with random shapes onto a wall texture ``(th, tw, 3)`` float32."""
-    th, tw = img.shape[:2]
-    pil = Image.fromarray((np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8))
-    placed: list[tuple[int, int, int, int]] = []
-    border = max(int(0.04 * res), 2)
-    for _ in range(count * 10):
-        if len(placed) >= count:
-            break
-        w = int(rng.uniform(0.5, 1.3) * res)
-        h = int(rng.uniform(0.4, 1.0) * res)
-        x0 = int(rng.uniform(0.1 * res, max(tw - w - 0.1 * res, 0.1 * res + 1)))
-        y0 = int(rng.uniform(*v_range) * res)
-        if y0 - border < 0 or y0 + h + border >= th or x0 - border < 0 or x0 + w + border >= tw:
-            continue
-        box = (x0 - 3 * border, y0 - 3 * border, x0 + w + 3 * border, y0 + h + 3 * border)
-        if any(not (box[2] < p[0] or box[0] > p[2] or box[3] < p[1] or box[1] > p[3]) for p in placed):
-            continue
-        placed.append(box)
-        frame = np.array([0.1, 0.1, 0.1]) if rng.random() < 0.5 else pal.accent() * 0.5
-        bg = pal.accent() if rng.random() < 0.5 else pal.base(val=(0.8, 1.0), sat=(0.0, 0.2))
-        framed = Image.new("RGB", (w + 2 * border, h + 2 * border), _rgb8(frame))
-        inner = Image.new("RGB", (w, h), _rgb8(bg))
-        draw = ImageDraw.Draw(inner)
-        for _ in range(int(rng.integers(3, 9))):
-            col = _rgb8(pal.accent())
-            cx, cy = rng.uniform(0, w), rng.uniform(0, h)
-            r = rng.uniform(0.08, 0.35) * min(w, h)
-            kind = rng.integers(0, 4)
-            if kind == 0:
-                draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=col)
-            elif kind == 1:
-                draw.rectangle((cx - r, cy - r * rng.uniform(0.3, 1.0), cx + r, cy + r), fill=col)
-            elif kind == 2:
-                a = rng.uniform(0, 2 * math.pi)
-                pts = [(cx + r * math.cos(a + k * 2.094), cy + r * math.sin(a + k * 2.094)) for k in range(3)]
-                draw.polygon(pts, fill=col)
-            else:
-                xy = (rng.uniform(0, w), rng.uniform(0, h), rng.uniform(0, w), rng.uniform(0, h))
-                draw.line(xy, fill=col, width=max(int(r / 4), 2))
-        framed.paste(inner, (border, border))
-        pil.paste(framed, (x0 - border, y0 - border))
-    return np.asarray(pil).astype(np.float32) / 255.0
-
-
-def _rgb8(c: np.ndarray) -> tuple[int, int, int]:
-    c = np.clip(np.asarray(c, dtype=np.float64), 0, 1)
-    return int(c[0] * 255 + 0.5), int(c[1] * 255 + 0.5), int(c[2] * 255 + 0.5)
-
-
-# --------------------------------------------------------------------------------------------------- furniture
-class _Layout:
-    """Places furniture boxes in a room while keeping a connected walkable area."""
-
-    def __init__(self, rng: np.random.Generator, half_x: float, half_y: float, height: float):
-        self.rng = rng
-        self.hx, self.hy, self.h = half_x, half_y, height
-        self.boxes: list[Box] = []
-        self.groups: list[list[Box]] = []
-
-    def _fits(self, parts: list[Box], gap: float) -> bool:
-        for p in parts:
-            cs = p.corners()
-            if (np.abs(cs[:, 0]) > self.hx - 0.01).any() or (np.abs(cs[:, 1]) > self.hy - 0.01).any():
-                return False
-            if cs[:, 2].max() > self.h + 1e-6:
-                return False
-        for q in self.boxes:
-            for p in parts:
-                # conservative test: footprint corner distances both ways
-                cp, cq = p.corners(), q.corners()
-                if (
-                    (q.footprint_distance(cp[:, 0], cp[:, 1]) < gap).any()
-                    or (p.footprint_distance(cq[:, 0], cq[:, 1]) < gap).any()
-                    or _centre_inside(p, q)
-                    or _centre_inside(q, p)
-                ):
-                    return False
-        return True
-
-    def _walkable(self, extra: list[Box]) -> bool:
-        """Check that the free area (clearance >= 0.55 m) stays large and connected with ``extra`` added."""
-        cell = 0.1
-        xs = np.arange(-self.hx + cell / 2, self.hx, cell)
-        ys = np.arange(-self.hy + cell / 2, self.hy, cell)
-        gx, gy = np.meshgrid(xs, ys)
-        d = np.minimum.reduce([gx + self.hx, self.hx - gx, gy + self.hy, self.hy - gy])
-        for b in self.boxes + extra:
-            d = np.minimum(d, b.footprint_distance(gx, gy))
-        free = (d >= 0.55).astype(np.uint8)
-        if free.sum() < 0.3 * free.size:
-            return False
-        n, labels = cv2.connectedComponents(free, connectivity=4)
-        if n <= 1:
-            return False
-        counts = np.bincount(labels.ravel())[1:]
-        return counts.max() >= 0.9 * free.sum()
-
-    def add(self, parts: list[Box], gap: float = 0.05) -> bool:
-        if self._fits(parts, gap) and self._walkable(parts):
-            self.boxes.extend(parts)
-            self.groups.append(parts)
-            return True
-        return False
-
-    # ---- placement helpers
-    def against_wall(
-        self, make: Callable[[float, float, float], list[Box]], width: float, depth: float, tries: int = 30
-    ) -> bool:
-        """Place a group built by ``make(x, y, yaw)`` with its back to a random wall (local +y faces the room)."""
-        for _ in range(tries):
-            wall = int(self.rng.integers(0, 4))
-            gap = self.rng.uniform(0.01, 0.06)
-            if wall in (0, 1):  # walls at y = -hy / +hy, object extends along x
-                span = self.hx - width / 2 - 0.05
-                if span <= 0:
-                    continue
-                x = self.rng.uniform(-span, span)
-                y = (-self.hy + gap + depth / 2) if wall == 0 else (self.hy - gap - depth / 2)
-                yaw = 0.0 if wall == 0 else math.pi
-            else:  # walls at x = -hx / +hx, object extends along y
-                span = self.hy - width / 2 - 0.05
-                if span <= 0:
-                    continue
-                y = self.rng.uniform(-span, span)
-                x = (-self.hx + gap + depth / 2) if wall == 2 else (self.hx - gap - depth / 2)
-                yaw = -math.pi / 2 if wall == 2 else math.pi / 2
-            if self.add(make(x, y, yaw)):
-                return True
-        return False
-
-    def free(
-        self,
-        make: Callable[[float, float, float], list[Box]],
-        radius: float,
-        tries: int = 40,
-        clearance: float = 0.9,
-        yaw_choices: tuple[float, ...] | None = None,
-    ) -> bool:
-        """Place a group built by ``make(x, y, yaw)`` in the room interior with ``clearance`` to other furniture."""
-        for _ in range(tries):
-            x = self.rng.uniform(-self.hx + radius + clearance, self.hx - radius - clearance)
-            y = self.rng.uniform(-self.hy + radius + clearance, self.hy - radius - clearance)
-            yaw = (
-                (float(self.rng.choice(yaw_choices)) + self.rng.normal(0, 0.05))
-                if yaw_choices
-                else float(self.rng.uniform(-math.pi, math.pi))
-            )
-            if self.add(make(x, y, yaw), gap=clearance):
-                return True
-        return False
-
-
-def _centre_inside(p: Box, q: Box) -> bool:
-    return bool(q.footprint_distance(np.array([p.center[0]]), np.array([p.center[1]]))[0] == 0.0)
-
-
-def _rot(x: float, y: float, yaw: float, lx: float, ly: float) -> tuple[float, float]:
-    """Map position of local offset ``(lx, ly)`` of a group at ``(x, y, yaw)``."""
-    c, s = math.cos(yaw), math.sin(yaw)
-    return x + c * lx - s * ly, y + s * lx + c * ly
-
-
-def _block(kind: str, w: float, d: float, h: float, z0: float = 0.0):
-    def make(x, y, yaw):
-        return [Box(kind, (x, y, z0 + h / 2), (w / 2, d / 2, h / 2), yaw)]
-
-    return make
-
-
-def _table(kind: str, w: float, d: float, h: float, top: float = 0.04, leg: float = 0.06):
-    def make(x, y, yaw):
-        parts = [Box(kind + "_top", (x, y, h - top / 2), (w / 2, d / 2, top / 2), yaw)]
-        for sx in (-1, 1):
-            for sy in (-1, 1):
-                px, py = _rot(x, y, yaw, sx * (w / 2 - leg), sy * (d / 2 - leg))
-                parts.append(Box(kind + "_leg", (px, py, (h - top) / 2), (leg / 2, leg / 2, (h - top) / 2), yaw))
-        return parts
-
-    return make
-
-
-def _sofa(w: float, d: float):
-    def make(x, y, yaw):
-        bx, by = _rot(x, y, yaw, 0.0, -d / 2 + 0.1)
-        return [
-            Box("sofa_seat", (x, y, 0.22), (w / 2, d / 2, 0.22), yaw),
-            Box("sofa_back", (bx, by, 0.45 + 0.2), (w / 2, 0.1, 0.2), yaw),
-        ]
-
-    return make
-
-
-def _furnish(style: str, lay: _Layout) -> None:
-    r = lay.rng
-    u = r.uniform
-    if style == "office":
-        for _ in range(int(r.integers(2, 4))):
-            lay.free(_table("desk", u(1.2, 1.8), u(0.7, 0.9), u(0.72, 0.76)), 0.9, yaw_choices=(0.0, math.pi / 2))
-        for _ in range(int(r.integers(2, 4))):
-            lay.against_wall(_block("cabinet", w := u(0.8, 1.4), d := u(0.45, 0.6), u(0.9, 1.3)), w, d)
-        for _ in range(int(r.integers(1, 3))):
-            lay.against_wall(_block("shelf", w := u(0.8, 1.6), d := u(0.3, 0.4), u(1.8, 2.2)), w, d)
-        if r.random() < 0.7:
-            lay.free(_block("pillar", s := u(0.35, 0.55), s, lay.h), 0.3)
-    elif style == "kitchen":
-        for _ in range(int(r.integers(2, 4))):
-            lay.against_wall(_block("counter", w := u(1.5, 2.8), d := u(0.6, 0.65), 0.9), w, d)
-        lay.against_wall(_block("fridge", w := u(0.7, 0.9), d := u(0.65, 0.75), u(1.8, 2.0)), w, d)
-        lay.free(_block("island", u(1.4, 2.0), u(0.8, 1.0), 0.9), 1.0, yaw_choices=(0.0, math.pi / 2))
-        for _ in range(int(r.integers(1, 3))):
-            lay.against_wall(_block("wall_cabinet", w := u(0.8, 1.5), d := 0.35, 0.7, z0=u(1.5, 1.6)), w, d)
-        if r.random() < 0.5:
-            lay.free(_table("table", u(0.8, 1.2), u(0.8, 1.2), 0.75), 0.7)
-    elif style == "library":
-        for _ in range(int(r.integers(4, 7))):
-            lay.against_wall(_block("bookshelf", w := u(1.0, 2.0), d := u(0.3, 0.4), u(2.0, 2.4)), w, d)
-        for _ in range(int(r.integers(1, 3))):
-            lay.free(_table("reading_table", u(1.6, 2.2), u(0.8, 1.0), 0.76), 1.1, yaw_choices=(0.0, math.pi / 2))
-        for _ in range(int(r.integers(0, 3))):
-            lay.free(_block("pillar", s := u(0.4, 0.6), s, lay.h), 0.35)
-    elif style == "warehouse":
-        for _ in range(int(r.integers(2, 5))):
-            lay.free(_block("pillar", s := u(0.4, 0.6), s, lay.h), 0.35, clearance=1.2)
-        for _ in range(int(r.integers(3, 7))):
-            s = u(0.6, 1.2)
-            lay.free(_block("crate", s, s * u(0.8, 1.2), s * u(0.6, 1.0)), s, clearance=0.8)
-        for _ in range(int(r.integers(2, 4))):
-            lay.against_wall(_block("rack", w := u(1.8, 3.0), d := u(0.6, 0.9), u(2.2, 3.0)), w, d)
-    elif style == "studio":
-        lay.against_wall(_sofa(w := u(1.8, 2.4), d := u(0.8, 0.95)), w, d)
-        lay.free(_table("low_table", u(0.8, 1.2), u(0.5, 0.7), 0.45), 0.7)
-        for _ in range(int(r.integers(1, 3))):
-            lay.against_wall(_block("cabinet", w := u(0.6, 1.2), d := u(0.4, 0.5), u(0.8, 1.6)), w, d)
-        lay.free(_block("pillar", s := u(0.3, 0.5), s, lay.h), 0.3)
-        if r.random() < 0.6:
-            lay.free(_block("plinth", s := u(0.4, 0.7), s, u(0.5, 1.1)), 0.5)
-    elif style == "gallery":
-        for _ in range(int(r.integers(2, 5))):
-            lay.free(_block("pedestal", s := u(0.4, 0.6), s, u(0.9, 1.2)), 0.4, clearance=1.1)
-        for _ in range(int(r.integers(1, 3))):
-            lay.free(_block("bench", u(1.2, 1.8), u(0.4, 0.5), 0.45), 0.9, yaw_choices=(0.0, math.pi / 2))
-        for _ in range(int(r.integers(0, 3))):
-            lay.free(_block("pillar", s := u(0.4, 0.6), s, lay.h), 0.35, clearance=1.2)
-    else:  # pragma: no cover - guarded by make_scene
-        raise ValueError(f"no furniture builder for style {style!r}")
-
-
 # --------------------------------------------------------------------------------------------------- assembly
 def _face_frame(box: Box, face: int, room: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int, int]:
     """Return normal, texel map (A (2, 3), b (2,)) and texture size (w, h) of one box face, at TEXELS_PER_M."""
@@ -879,10 +391,10 @@ def _build(name: str, seed: int) -> Scene:
     rng = np.random.default_rng(stable_seed("scene", name, seed))
     lx, ly, lz = (float(rng.uniform(*r)) for r in style.room)
     room = Box("room", (0.0, 0.0, lz / 2), (lx / 2, ly / 2, lz / 2))
-    lay = _Layout(rng, lx / 2, ly / 2, lz)
-    _furnish(style.furniture, lay)
+    lay = Layout(rng, lx / 2, ly / 2, lz)
+    furnish(style.furniture, lay)
     boxes = (room, *lay.boxes)
-    pal = _Palette(style, rng)
+    pal = Palette(style, rng)
 
     textures: list[np.ndarray] = []
     normals, amats, bvecs, names = [], [], [], []
@@ -909,11 +421,11 @@ def _build(name: str, seed: int) -> Scene:
                     kind = str(rng.choice(np.array(style.ceiling, dtype=object)))
                 else:
                     kind = str(wall_kinds[f])
-                tex = _TEXTURES[kind](rng, pal, h, w, TEXELS_PER_M)
+                tex = TEXTURES[kind](rng, pal, h, w, TEXELS_PER_M)
                 if f < 4:
                     count = int(rng.integers(style.posters[0], style.posters[1] + 1))
                     if count:
-                        tex = _add_posters(tex, rng, pal, TEXELS_PER_M, count, (0.35, max(0.4, box.half[2] - 0.6)))
+                        tex = add_posters(tex, rng, pal, TEXELS_PER_M, count, (0.35, max(0.4, box.half[2] - 0.6)))
             else:
                 hidden = (f == 4 and box.center[2] - box.half[2] < 0.01) or (
                     f == 5 and box.center[2] + box.half[2] > boxes[0].half[2] * 2 - 0.01
@@ -926,7 +438,7 @@ def _build(name: str, seed: int) -> Scene:
                     kind = group_kind[group_of[id(box)]]
                     if kind == "books" and not (f < 4 and box.kind == "bookshelf"):
                         kind = "wood"
-                    tex = _TEXTURES[kind](rng, pal, h, w, TEXELS_PER_M)
+                    tex = TEXTURES[kind](rng, pal, h, w, TEXELS_PER_M)
             tex = np.ascontiguousarray(np.clip(tex, 0.0, 1.0), dtype=np.float32)
             if tex.shape[:2] != (h, w):  # pragma: no cover - generators honour the size
                 raise RuntimeError(f"texture for {names[-1]} has shape {tex.shape}, expected {(h, w)}")

@@ -286,9 +286,31 @@ def _load_strict(model: nn.Module, sd: Mapping[str, torch.Tensor], source: str) 
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()}, strict=True)
 
 
+def _check_zip_sizes(path: Path) -> None:
+    """Refuse a ``torch.save`` zip whose entries expand to more than the file holds (a compressed or forged archive).
+
+    ``torch.save`` stores its entries uncompressed, while ``torch.load`` allocates each record's declared size before
+    it checks it, so a 1 MB archive of deflated zeros would cost gigabytes.
+    """
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            declared = sum(info.file_size for info in archive.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        return  # not a zip (legacy format) or a broken one: torch.load reports it
+    size = path.stat().st_size
+    if declared > size:
+        raise CheckpointError(
+            f"{path}: cannot be read as a raw PyTorch state_dict with weights_only=True (its zip entries expand to "
+            f"{declared} bytes, more than the {size}-byte file; re-save it with torch.save)"
+        )
+
+
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
+    _check_zip_sizes(path)
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt zip, pickled classes, not a torch file at all

@@ -171,6 +171,48 @@ def test_misshapen_official_checkpoints_give_checkpoint_errors(tmp_path: Path) -
         assert "\x1b" not in str(info.value) and "\n" not in str(info.value), (name, str(info.value))
 
 
+def _zip_bomb(path: Path, inflated: int) -> Path:
+    """Write a torch.save archive whose tensor record is ``inflated`` bytes of deflated zeros (1 MB chunks)."""
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    torch.save({"query_embed_t.weight": torch.zeros(4)}, buf)
+    with zipfile.ZipFile(io.BytesIO(buf.getvalue())) as src, zipfile.ZipFile(path, "w") as dst:
+        for info in src.infolist():
+            if info.filename.endswith("/data/0"):
+                entry = zipfile.ZipInfo(info.filename)
+                entry.compress_type = zipfile.ZIP_DEFLATED
+                with dst.open(entry, "w", force_zip64=True) as f:
+                    for _ in range(inflated // MB):
+                        f.write(bytes(MB))
+                continue
+            dst.writestr(info, src.read(info.filename))
+    return path
+
+
+def test_compressed_torch_archive_is_refused_without_allocating(tmp_path: Path) -> None:
+    import zipfile
+
+    bomb = _zip_bomb(tmp_path / "bomb.pth", 300 * MB)
+    assert bomb.stat().st_size < 2 * MB
+    with zipfile.ZipFile(bomb) as z:  # the bomb is real: deflated entries that expand to 300 MB
+        assert sum(i.file_size for i in z.infolist()) >= 300 * MB
+    out = measure_in_subprocess(
+        """
+        try:
+            load_official_checkpoint(PATH)
+            result["outcome"] = "loaded"
+        except CheckpointError as exc:
+            result["outcome"] = "CheckpointError: " + str(exc)
+        """,
+        setup=f"from apr_localizer.checkpoints import CheckpointError, load_official_checkpoint\nPATH = {str(bomb)!r}",
+    )
+    record("zip-bomb official checkpoint", file_bytes=bomb.stat().st_size, peak_rss_growth_mb=out["growth_mb"])
+    assert out["result"]["outcome"].startswith("CheckpointError") and "expand to" in out["result"]["outcome"], out
+    assert out["growth_mb"] < 100, out
+
+
 def test_valid_bundle_header_is_read_and_checked(tmp_path: Path) -> None:
     path = save_model(tmp_path / "ok.safetensors", random_ms_transformer(seed=1))
     infos, meta = read_safetensors_header(path)

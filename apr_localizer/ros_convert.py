@@ -235,7 +235,10 @@ def covariance_from_diagonal(
         raise ValueError("covariance variances must be finite and non-negative")
     if scale_by_confidence:
         c = float(confidence) if np.isfinite(confidence) else 0.0
-        diag = diag / max(c, float(min_scale_confidence))
+        with np.errstate(over="ignore"):
+            diag = diag / max(c, float(min_scale_confidence))
+    if not np.all(np.isfinite(diag)):
+        raise ValueError("covariance variances overflow when divided by the confidence; use smaller variances")
     return np.diag(diag).reshape(36)
 
 

@@ -88,10 +88,19 @@ def test_covariance_scales_with_inverse_confidence():
     assert np.all(np.isfinite(nan_conf))
 
 
-@pytest.mark.parametrize(("pos", "rot"), [([1, 2], [1, 2, 3]), ([1, 2, 3], [1, -1, 1]), ([np.nan, 1, 1], [1, 1, 1])])
+@pytest.mark.parametrize(
+    ("pos", "rot"),
+    [
+        ([1, 2], [1, 2, 3]),
+        ([1, 2, 3], [1, -1, 1]),
+        ([np.nan, 1, 1], [1, 1, 1]),
+        ([1.8e308, 1, 1], [1, 1, 1]),  # finite, but infinite once divided by a confidence below 1
+        ([1, 1, 1], [np.inf, 1, 1]),
+    ],
+)
 def test_covariance_rejects_bad_variances(pos, rot):
     with pytest.raises(ValueError):
-        ros_convert.covariance_from_diagonal(pos, rot)
+        ros_convert.covariance_from_diagonal(pos, rot, confidence=0.5)
 
 
 def test_pose_with_covariance_stamped_survives_the_wire():

@@ -308,6 +308,7 @@ def _check_zip_sizes(path: Path) -> None:
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    clean_stale_tmp(path.parent, name=path.name, older_than_s=STALE_TMP_AGE_S)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     _check_zip_sizes(path)

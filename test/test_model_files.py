@@ -266,3 +266,15 @@ def test_kill_during_model_write_keeps_the_old_file_and_cleans_the_temporary(tmp
     assert _tmp_files(tmp_path) == []
     save_model(path, random_ms_transformer(seed=1))
     assert _tmp_files(tmp_path) == [] and path.read_bytes() == old
+
+
+def test_loading_removes_old_temporaries_of_the_file_only(tmp_path: Path) -> None:
+    path = tmp_path / "m.pth"
+    torch.save(to_official_state_dict(random_ms_transformer(seed=0)), path)
+    old, young, other = (tmp_path / ".m.pth.k1.tmp", tmp_path / ".m.pth.k2.tmp", tmp_path / ".n.pth.k3.tmp")
+    for t in (old, young, other):
+        t.write_bytes(b"partial")
+    for t in (old, other):
+        os.utime(t, (time.time() - 3600, time.time() - 3600))
+    load_official_checkpoint(path)
+    assert not old.exists() and young.exists() and other.exists()

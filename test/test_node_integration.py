@@ -297,6 +297,8 @@ def test_base_pose_from_tf_static_map_to_odom_and_relocalize(tmp_path, node_env,
         fused = ros_convert.pose_from_msg(fused_msg.pose.pose)
         np.testing.assert_allclose(fused[:3], np.median(base_poses[:, :3], axis=0), atol=1e-4)
         assert geometry.rotation_error_deg(fused[3:], _quat_mean(base_poses[:, 3:])) < 0.05
+        heading = yaw_of(_quat_mean(base_poses[:, 3:]))  # the robot's heading from the ground-truth extrinsic
+        assert abs(np.angle(np.exp(1j * (yaw_of(fused[3:]) - heading)))) < 1e-3  # what AMCL reads from initialpose
         assert np.ptp(base_poses[:, 0]) > 1e-3  # the samples really differ
         assert fused_msg.header.frame_id == "map"
 

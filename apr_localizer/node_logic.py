@@ -47,6 +47,8 @@ def stamp_problem(sec: int, nanosec: int, now_ns: int, max_future_s: float, max_
     stamp_ns = sec * 1_000_000_000 + nanosec
     if stamp_ns == 0:
         return "header.stamp is zero (the camera driver did not stamp the image)"
+    if now_ns <= 0:  # use_sim_time before the first /clock message: no reference for future/age checks
+        return None
     if stamp_ns > now_ns + int(max_future_s * 1e9):
         return (
             f"header.stamp is {(stamp_ns - now_ns) * 1e-9:.3g} s in the future (stamps.max_future_s {max_future_s:g})"

@@ -46,6 +46,11 @@ def test_stamp_problem(sec, nanosec, max_age, expected):
     assert (problem is None) if expected is None else (expected in problem)
 
 
+def test_stamp_problem_without_a_clock_yet_checks_only_the_stamp_itself():
+    assert stamp_problem(NOW // S + 10**6, 0, 0, 1.0, 1.0) is None  # use_sim_time before the first /clock
+    assert "zero" in stamp_problem(0, 0, 0, 1.0, 1.0)
+
+
 def _pose(x: float, y: float, yaw: float, z: float = 0.0, roll: float = 0.0) -> np.ndarray:
     qz = np.array([math.cos(yaw / 2), 0.0, 0.0, math.sin(yaw / 2)])
     qx = np.array([math.cos(roll / 2), math.sin(roll / 2), 0.0, 0.0])

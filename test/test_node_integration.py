@@ -410,12 +410,16 @@ def test_a_signal_during_configure_aborts_it_and_a_second_one_exits_cleanly(tmp_
     params_file = write_params(tmp_path / "params.yaml", _params(checkpoint), node_name=name)
     node = NodeProcess(params_file, node_env, tmp_path / "node.log", extra_args=["-r", f"__node:={name}"])
     node.wait_log("created", timeout=60.0)
+    maps = Path(f"/proc/{node.pid}/maps").read_text()  # Fast DDS shared-memory segments of this process
+    segments = {line.split()[-1] for line in maps.splitlines() if "/dev/shm/fast" in line and "port" not in line}
+    assert segments, "the node maps no Fast DDS segment (FASTDDS_DEFAULT_PROFILES_FILE enables shared memory)"
     node.proc.send_signal(signal.SIGINT)
     node.proc.send_signal(signal.SIGINT)
     code = node.proc.wait(timeout=60.0)
     node.stop()
     text = node.log()
     assert code == 0, text
+    assert not [s for s in segments if Path(s).exists()]  # no shared memory left behind
     assert "active: subscribed" not in text  # never activated
     assert "aborted by a signal" in text or "configured:" not in text  # the configure in progress was aborted
     assert "Traceback" not in text

@@ -378,6 +378,45 @@ def _validate_graph(model: Any, path: Path, expected: dict[str, tuple[tuple[int,
         raise ExportError(f"{path.name}: unexpected graph inputs/outputs {sorted(extra)}")
 
 
+def _export_one(
+    bundle: ModelBundle, graph: str, module: nn.Module, path: Path, batch: int, opset: int, dynamo: bool, check: bool
+) -> dict[str, Any]:
+    """Export, fold, validate, check and atomically write one graph; returns its manifest record."""
+    import onnx
+
+    t0 = time.perf_counter()
+    _export_graph(module, _example_inputs(bundle, graph, batch), path, graph_io(graph), opset, dynamo)
+    seconds = time.perf_counter() - t0
+    model = onnx.load(str(path))
+    raw_nodes = len(model.graph.node)
+    t1 = time.perf_counter()
+    fold_constants(model)
+    fold_seconds = time.perf_counter() - t1
+    _validate_graph(model, path, _expected_shapes(bundle, graph, batch), opset)
+    meta = {"graph": graph, "scene_names": bundle.scene_names, "pose_convention": POSE_CONVENTION}
+    onnx.helper.set_model_props(model, {"apr_localizer": json.dumps(meta)})
+    model.doc_string = f"apr_localizer {graph} graph"
+    if check:
+        try:
+            onnx.checker.check_model(model, full_check=True)
+        except Exception as e:
+            raise ExportError(f"{path.name}: onnx.checker rejected the graph ({str(e).splitlines()[0]})") from e
+    with atomic_path(path) as tmp:
+        onnx.save_model(model, str(tmp))
+    log.info("exported %s: %d nodes, %.1f s", path, len(model.graph.node), seconds)
+    return {
+        "file": path.name,
+        "sha256": file_sha256(path),
+        "bytes": path.stat().st_size,
+        "nodes": len(model.graph.node),
+        "exporter_nodes": raw_nodes,
+        "export_seconds": round(seconds, 3),
+        "fold_seconds": round(fold_seconds, 3),
+        "inputs": _io_entries(model.graph.input),
+        "outputs": _io_entries(model.graph.output),
+    }
+
+
 def export_onnx(
     bundle: ModelBundle,
     out_dir: str | Path,
@@ -392,8 +431,6 @@ def export_onnx(
     ``dynamo=True`` supports opset >= 18 (default 18). ``check`` runs ``onnx.checker.check_model(full_check=True)``.
     Raises :class:`ExportError` with one sentence naming the graph on any failure.
     """
-    import onnx
-
     dynamo = DEFAULT_DYNAMO if dynamo is None else bool(dynamo)
     opset = (18 if dynamo else DEFAULT_OPSET) if opset is None else int(opset)
     if dynamo and opset < 18:
@@ -413,40 +450,9 @@ def export_onnx(
     files: dict[str, Path] = {}
     counts: dict[str, int] = {}
     for graph, module in _graphs_of(bundle).items():
-        path = out_dir / GRAPH_FILES[graph]
-        t0 = time.perf_counter()
-        _export_graph(module, _example_inputs(bundle, graph, batch_size), path, graph_io(graph), opset, dynamo)
-        seconds = time.perf_counter() - t0
-        model = onnx.load(str(path))
-        raw_nodes = len(model.graph.node)
-        t1 = time.perf_counter()
-        fold_constants(model)
-        fold_seconds = time.perf_counter() - t1
-        _validate_graph(model, path, _expected_shapes(bundle, graph, batch_size), opset)
-        meta = {"graph": graph, "scene_names": bundle.scene_names, "pose_convention": POSE_CONVENTION}
-        onnx.helper.set_model_props(model, {"apr_localizer": json.dumps(meta)})
-        model.doc_string = f"apr_localizer {graph} graph"
-        if check:
-            try:
-                onnx.checker.check_model(model, full_check=True)
-            except Exception as e:
-                raise ExportError(f"{path.name}: onnx.checker rejected the graph ({str(e).splitlines()[0]})") from e
-        with atomic_path(path) as tmp:
-            onnx.save_model(model, str(tmp))
-        files[graph] = path
-        counts[graph] = len(model.graph.node)
-        graphs_meta[graph] = {
-            "file": path.name,
-            "sha256": file_sha256(path),
-            "bytes": path.stat().st_size,
-            "nodes": len(model.graph.node),
-            "exporter_nodes": raw_nodes,
-            "export_seconds": round(seconds, 3),
-            "fold_seconds": round(fold_seconds, 3),
-            "inputs": _io_entries(model.graph.input),
-            "outputs": _io_entries(model.graph.output),
-        }
-        log.info("exported %s: %d nodes, %.1f s", path, counts[graph], seconds)
+        files[graph] = out_dir / GRAPH_FILES[graph]
+        graphs_meta[graph] = _export_one(bundle, graph, module, files[graph], batch_size, opset, dynamo, check)
+        counts[graph] = graphs_meta[graph]["nodes"]
     manifest = {
         "format": "apr_localizer-onnx",
         "format_version": EXPORT_FORMAT_VERSION,

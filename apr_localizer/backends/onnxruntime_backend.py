@@ -134,23 +134,7 @@ class OnnxRuntimeBackend(GraphBackend):
             raise BackendError(f"precision {precision} is not supported by the onnxruntime CUDA provider; use fp16")
         if options.batch_size < 1:
             raise BackendError(f"batch_size must be >= 1, got {options.batch_size}")
-        if dev.type == "cuda":
-            if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise BackendError("this onnxruntime build has no CUDAExecutionProvider (install onnxruntime-gpu)")
-            index = dev.index if dev.index is not None else torch.cuda.current_device()
-            dev = torch.device("cuda", index)
-            self.device = str(dev)
-            # A dedicated stream: ONNX Runtime treats handle 0 (torch's default stream) as "no user stream".
-            self.stream = torch.cuda.Stream(dev)
-            cuda_opts = {
-                "device_id": index,
-                "user_compute_stream": str(self.stream.cuda_stream),
-                "use_tf32": "1" if options.tf32 else "0",  # the CUDA provider's default is on: fp32 means fp32
-            }
-            providers: list = [("CUDAExecutionProvider", cuda_opts), "CPUExecutionProvider"]
-        else:
-            providers = ["CPUExecutionProvider"]
-            self.stream = None
+        dev, providers = self._providers(ort, dev, options)
         self.threads = options.threads or physical_cores()
         try:
             self.export = cached_onnx_export(bundle, options.cache_dir, batch_size=options.batch_size)
@@ -183,6 +167,25 @@ class OnnxRuntimeBackend(GraphBackend):
             self.export.opset,
             " (cached)" if self.export.reused else "",
         )
+
+    def _providers(self, ort: Any, dev: torch.device, options: BackendOptions) -> tuple[torch.device, list]:
+        """Return the device (``cuda:N`` made explicit) and the providers; creates the CUDA stream on a GPU."""
+        self.stream = None
+        if dev.type != "cuda":
+            return dev, ["CPUExecutionProvider"]
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise BackendError("this onnxruntime build has no CUDAExecutionProvider (install onnxruntime-gpu)")
+        index = dev.index if dev.index is not None else torch.cuda.current_device()
+        dev = torch.device("cuda", index)
+        self.device = str(dev)
+        # A dedicated stream: ONNX Runtime treats handle 0 (torch's default stream) as "no user stream".
+        self.stream = torch.cuda.Stream(dev)
+        cuda_opts = {
+            "device_id": index,
+            "user_compute_stream": str(self.stream.cuda_stream),
+            "use_tf32": "1" if options.tf32 else "0",  # the CUDA provider's default is on: fp32 means fp32
+        }
+        return dev, [("CUDAExecutionProvider", cuda_opts), "CPUExecutionProvider"]
 
     def describe(self) -> dict[str, str]:
         return {

@@ -23,7 +23,13 @@ def package(src: str | Path, dst: str | Path, fp16: bool = False, command: str |
     if command:
         provenance["reproduce"] = command
     return save_model(
-        dst, b.apr, b.iapr, b.pae, scene_names=b.scene_names, preprocess=b.preprocess, provenance=provenance,
+        dst,
+        b.apr,
+        b.iapr,
+        b.pae,
+        scene_names=b.scene_names,
+        preprocess=b.preprocess,
+        provenance=provenance,
         dtype=torch.float16 if fp16 else torch.float32,
     )
 

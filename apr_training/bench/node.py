@@ -50,6 +50,8 @@ from typing import Any
 
 import numpy as np
 
+from apr_localizer.fileio import atomic_write_text
+
 __all__ = ["NodeBenchError", "NodeBenchOptions", "format_table", "json_safe", "run_node_bench"]
 
 DEFAULT_TOPIC = "/apr_bench/image_raw"
@@ -135,7 +137,8 @@ def _publisher_main(argv: Sequence[str]) -> int:
             publish_ms.append((time.perf_counter() - t0) * 1e3)
             stamps.append(now)
         wall = time.monotonic() - start
-        Path(args.out).write_text(
+        atomic_write_text(
+            Path(args.out),
             json.dumps(
                 {
                     "stamps_ns": stamps,
@@ -143,7 +146,7 @@ def _publisher_main(argv: Sequence[str]) -> int:
                     "lateness_ms": _stats(lateness),
                     "publish_call_ms": _stats(publish_ms),
                 }
-            )
+            ),
         )
         time.sleep(0.2)  # let the reliable writer hand over the last samples before the process exits
         return 0

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from apr_localizer.fileio import atomic_write_text
+
 from ..synthetic.scenes import SCENE_STYLES
 
 __all__ = ["build_parser", "synth_main"]
@@ -331,8 +333,7 @@ def _cmd_bench(a: argparse.Namespace) -> int:
         print(f"{'all':<10} {size:>9} {1000.0 / fps:>9.1f} {fps:>9.1f}")
     print(f"(one process on {res['cpu']})")
     if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps(res, indent=2) + "\n")
+        atomic_write_text(a.json, json.dumps(res, indent=2) + "\n")
     return 0
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from apr_localizer.fileio import atomic_write_text
+from apr_localizer.fileio import atomic_path, atomic_write_text
 
 from ..bags import io as bagio
 from ..bags.ground_truth import GroundTruthError, load_ground_truth, parse_spec
@@ -154,7 +154,8 @@ def extract_dataset(
         rgb = bagio.image_to_rgb(m.msg, m.msgtype)
         shape = rgb.shape
         rel = f"{scene_name}/{seq_of[split]}/frame-{k:06d}.color.png"
-        Image.fromarray(np.ascontiguousarray(rgb)).save(out / rel, compress_level=1)
+        with atomic_path(out / rel, fsync=False) as tmp:
+            Image.fromarray(np.ascontiguousarray(rgb)).save(tmp, format="PNG", compress_level=1)
         p = gt[idx]
         rows[split].append(LabelRow(scene_name, split, seq_of[split], rel, tuple(float(v) for v in p)))
         frames_rows.append([rel, split, str(int(img_stamps[idx])), str(int(m.t_ns)), f"{resid_ms[idx]:.3f}"])

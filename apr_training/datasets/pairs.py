@@ -15,6 +15,7 @@ nested: the 30 % subset is contained in the 50 % one, which is contained in the 
 from __future__ import annotations
 
 import csv
+import io
 import math
 import zlib
 from collections.abc import Collection, Iterable, Sequence
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from apr_localizer.fileio import atomic_write_text
 from apr_localizer.geometry import quat_normalize, relative_pose, rotation_error_deg
 
 from .labels import LabelError, LabelTable, parse_pose_fields, read_labels, write_labels
@@ -214,18 +216,18 @@ def read_pairs(
 def write_pairs(path: str | Path, pairs: PairTable) -> Path:
     """Write a pairs CSV (header :data:`PAIR_COLUMNS`, floats in shortest round-trip repr); return the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f, lineterminator="\n")
-        w.writerow(PAIR_COLUMNS)
-        for i in range(len(pairs)):
-            w.writerow(
-                [pairs.img_path_a[i], pairs.scene_a[i], int(pairs.scene_id_a[i])]
-                + [repr(float(v)) for v in pairs.pose_a[i]]
-                + [pairs.img_path_b[i], pairs.scene_b[i], int(pairs.scene_id_b[i])]
-                + [repr(float(v)) for v in pairs.pose_b[i]]
-                + [repr(float(v)) for v in pairs.rel_ab[i]]
-            )
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(PAIR_COLUMNS)
+    for i in range(len(pairs)):
+        w.writerow(
+            [pairs.img_path_a[i], pairs.scene_a[i], int(pairs.scene_id_a[i])]
+            + [repr(float(v)) for v in pairs.pose_a[i]]
+            + [pairs.img_path_b[i], pairs.scene_b[i], int(pairs.scene_id_b[i])]
+            + [repr(float(v)) for v in pairs.pose_b[i]]
+            + [repr(float(v)) for v in pairs.rel_ab[i]]
+        )
+    atomic_write_text(path, buf.getvalue())
     return path
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from apr_localizer import geometry
+from apr_localizer.fileio import atomic_path, atomic_write_text
 
 from ..datasets.labels import LabelRow, write_labels
 from .render import Intrinsics, render_frame
@@ -142,7 +143,8 @@ def _render_job(args: tuple) -> None:
     scene = make_scene(scene_name, scene_seed)
     light = vary_lighting(scene.lighting, np.random.default_rng(light_seed))
     img = render_frame(scene, pose, Intrinsics(*k), width, height, light)
-    Image.fromarray(img).save(path, compress_level=1)
+    with atomic_path(path, fsync=False) as tmp:
+        Image.fromarray(img).save(tmp, format="PNG", compress_level=1)
 
 
 def default_intrinsics(width: int, height: int, hfov_deg: float = 70.0) -> tuple[float, float, float, float]:
@@ -212,7 +214,7 @@ def write_label_dataset(
         "test_seqs": test_seqs,
         "frames": {s: len(r) for s, r in rows.items()},
     }
-    (out / "dataset.json").write_text(json.dumps(info, indent=2))
+    atomic_write_text(out / "dataset.json", json.dumps(info, indent=2))
     return info
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from apr_localizer.fileio import atomic_path, atomic_write_text
 from apr_localizer.geometry import pose_to_matrix
 
 from ..datasets.labels import LabelRow, write_labels
@@ -132,11 +133,14 @@ def _render_chunk(task: dict) -> int:
     for idx, pose, light in zip(task["frames"], task["poses"], task["lights"]):
         r = render_buffers(scene, pose, k, task["width"], task["height"], Lighting.from_dict(light))
         stem = out / f"frame-{idx:06d}"
-        Image.fromarray(r.rgb).save(f"{stem}.color.png", compress_level=1)
-        np.savetxt(f"{stem}.pose.txt", pose_to_matrix(pose), fmt="%.9f")
+        with atomic_path(f"{stem}.color.png", fsync=False) as tmp:
+            Image.fromarray(r.rgb).save(tmp, format="PNG", compress_level=1)
+        with atomic_path(f"{stem}.pose.txt", fsync=False) as tmp:
+            np.savetxt(tmp, pose_to_matrix(pose), fmt="%.9f")
         if task["depth"]:
             mm = np.clip(np.round(r.depth * 1000.0), 0, 65535).astype(np.uint16)
-            Image.fromarray(mm).save(f"{stem}.depth.png", compress_level=1)
+            with atomic_path(f"{stem}.depth.png", fsync=False) as tmp:
+                Image.fromarray(mm).save(tmp, format="PNG", compress_level=1)
     return len(task["frames"])
 
 
@@ -234,7 +238,7 @@ def write_dataset(
 
     for split, path in (("train", train_csv), ("test", test_csv)):
         write_labels(path, rows[split])
-    (out / "intrinsics.json").write_text(json.dumps(k.to_dict(width, height), indent=2) + "\n")
+    atomic_write_text(out / "intrinsics.json", json.dumps(k.to_dict(width, height), indent=2) + "\n")
     summary = {
         "generator": "apr_training.synthetic",
         "scenes": scenes,
@@ -256,7 +260,7 @@ def write_dataset(
         "workers": workers,
         "command": command if command is not None else " ".join(sys.argv),
     }
-    (out / "dataset.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out / "dataset.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 

@@ -31,6 +31,7 @@ import os
 import shutil
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,15 @@ from apr_localizer.fileio import atomic_path, atomic_write_text
 
 from .evaluation.metrics import render_table
 
-__all__ = ["build_engines", "build_parser", "format_parity", "load_calibration_images", "main"]
+__all__ = [
+    "ExportOptions",
+    "build_engines",
+    "build_parser",
+    "export_deployment",
+    "format_parity",
+    "load_calibration_images",
+    "main",
+]
 
 log = logging.getLogger(__name__)
 
@@ -272,63 +281,55 @@ def _readme(info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``apr-export`` entry point; returns the exit status (0 ok, 1 parity/TensorRT failure, 2 bad input)."""
-    from apr_localizer.backends.engine_cache import cached_onnx_export, export_cache_key
-    from apr_localizer.export import ExportError, parity_report
+@dataclass
+class ExportOptions:
+    """What :func:`export_deployment` writes (the ``apr-export`` options; see :func:`build_parser` for each)."""
 
-    from .datasets.labels import LabelError
+    model: Path
+    out: Path
+    iapr: Path | None = None
+    pae: Path | None = None
+    scene_names: list[str] | None = None
+    exporter: str = "torchscript"  # torchscript | dynamo
+    opset: int | None = None
+    parity_images: int = 4
+    tolerance: float = 1e-4
+    threads: int = 0
+    tensorrt: bool = False
+    precision: str = "fp16"
+    calibration_labels: Path | None = None
+    data: Path | None = None
+    calibration_count: int = 64
 
-    parser = build_parser()
-    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-    if args.calibration_labels and not args.data:
-        parser.error("--calibration-labels needs --data (the dataset root of its img_path column)")
-    if args.tensorrt and args.precision == "int8" and not args.calibration_labels:
-        parser.error("--precision int8 needs --calibration-labels CSV --data ROOT (INT8 calibration images)")
-    if args.parity_images < 1:
-        parser.error(f"--parity-images must be >= 1, got {args.parity_images}")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    dynamo = args.exporter == "dynamo"
-    out = Path(args.out)
-    try:
-        scene_names = [s.strip() for s in args.scene_names.split(",")] if args.scene_names else None
-        source = load_bundle(args.model, args.iapr, args.pae, scene_names=scene_names)
-        out.mkdir(parents=True, exist_ok=True)
-        provenance = {
-            **{k: v for k, v in source.provenance.items() if isinstance(v, (str, int, float, bool))},
-            "exported_by": f"apr-export {__version__}",
-            "source_model": str(args.model),
-        }
-        model_path = _save_bundle(source, out / MODEL_NAME, provenance)
-        bundle = load_model(model_path)  # exactly what the node will load
-        calibration = None
-        if args.calibration_labels:
-            calibration = load_calibration_images(args.calibration_labels, args.data, bundle, args.calibration_count)
-        export = cached_onnx_export(bundle, out, opset=args.opset, dynamo=dynamo)
-    except (CheckpointError, LabelError, FileNotFoundError, ExportCliError) as e:
-        print(f"apr-export: error: {e}", file=sys.stderr)
-        return 2
-    except ExportError as e:
-        print(f"apr-export: error: ONNX export failed: {e}", file=sys.stderr)
-        return 1
-    real = calibration[: max(args.parity_images, 1)] if calibration is not None else None
-    parity = parity_report(
-        bundle,
-        export.out_dir,
-        n_images=args.parity_images,
-        images=real,
-        tolerance=args.tolerance,
-        threads=args.threads or None,
-    )
-    print(format_parity(parity), end="")
-    status = 0 if parity["passed"] else 1
-    info: dict[str, Any] = {
+
+def _prepare(opts: ExportOptions) -> tuple[ModelBundle, torch.Tensor | None, Any]:
+    """Save the bundle the node loads, load it back, read calibration images, export (or reuse) the ONNX graphs."""
+    from apr_localizer.backends.engine_cache import cached_onnx_export
+
+    source = load_bundle(opts.model, opts.iapr, opts.pae, scene_names=opts.scene_names)
+    opts.out.mkdir(parents=True, exist_ok=True)
+    provenance = {
+        **{k: v for k, v in source.provenance.items() if isinstance(v, (str, int, float, bool))},
+        "exported_by": f"apr-export {__version__}",
+        "source_model": str(opts.model),
+    }
+    bundle = load_model(_save_bundle(source, opts.out / MODEL_NAME, provenance))  # exactly what the node will load
+    calibration = None
+    if opts.calibration_labels:
+        calibration = load_calibration_images(opts.calibration_labels, opts.data, bundle, opts.calibration_count)
+    export = cached_onnx_export(bundle, opts.out, opset=opts.opset, dynamo=opts.exporter == "dynamo")
+    return bundle, calibration, export
+
+
+def _info(opts: ExportOptions, bundle: ModelBundle, export: Any, parity: dict[str, Any]) -> dict[str, Any]:
+    from apr_localizer.backends.engine_cache import export_cache_key
+
+    out = opts.out
+    return {
         "out": str(out.resolve()),
         "apr_localizer": __version__,
         "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "source": {"model": str(args.model), "iapr": args.iapr, "pae": args.pae},
+        "source": {k: (str(v) if v else v) for k, v in (("model", opts.model), ("iapr", opts.iapr), ("pae", opts.pae))},
         "model": MODEL_NAME,
         "scene_names": list(bundle.scene_names),
         "components": [c for c in ("apr", "iapr", "pae") if getattr(bundle, c) is not None],
@@ -345,15 +346,35 @@ def main(argv: Sequence[str] | None = None) -> int:
             "passed": parity["passed"],
             "failures": parity["failures"],
         },
-        "precision": args.precision,
+        "precision": opts.precision,
         "tensorrt": {},
         "node_engine_cache": None,
         "node_parameters": {"model.path": str((out / MODEL_NAME).resolve()), "cache_dir": str(out.resolve())},
     }
-    if args.tensorrt:
+
+
+def export_deployment(opts: ExportOptions) -> tuple[int, dict[str, Any]]:
+    """Write the deployment directory ``opts.out``; returns (exit status, the ``export.json`` record).
+
+    Status 0 when every parity case passes (and the TensorRT engines built), else 1. Bad input raises
+    :class:`~apr_localizer.checkpoints.CheckpointError`, :class:`ExportCliError`, ``LabelError`` or
+    ``FileNotFoundError``; a failed ONNX export raises :class:`~apr_localizer.export.ExportError`.
+    """
+    from apr_localizer.export import ExportError, parity_report
+
+    bundle, calibration, export = _prepare(opts)
+    real = calibration[: max(opts.parity_images, 1)] if calibration is not None else None
+    parity = parity_report(
+        bundle, export.out_dir, n_images=opts.parity_images, images=real, tolerance=opts.tolerance,
+        threads=opts.threads or None,
+    )  # fmt: skip
+    print(format_parity(parity), end="")
+    status = 0 if parity["passed"] else 1
+    info = _info(opts, bundle, export, parity)
+    if opts.tensorrt:
         try:
             info["tensorrt"], info["node_engine_cache"] = build_engines(
-                bundle, export, out, args.precision, calibration
+                bundle, export, opts.out, opts.precision, calibration
             )
             for graph, e in info["tensorrt"].items():
                 print(f"TensorRT {e['precision']} engine of {graph}: {e['file']} ({e['bytes'] / 1e6:.1f} MB)")
@@ -362,9 +383,47 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (BackendError, ExportError) as e:
             print(f"apr-export: error: TensorRT build failed: {e}", file=sys.stderr)
             status = 1
-    atomic_write_text(out / EXPORT_INFO, json.dumps(info, indent=2) + "\n")
-    atomic_write_text(out / "README.md", _readme(info))
-    print(f"apr-export: wrote {out / MODEL_NAME}, {info['onnx']['dir']}/ and {out / EXPORT_INFO} (see README.md)")
+    atomic_write_text(opts.out / EXPORT_INFO, json.dumps(info, indent=2) + "\n")
+    atomic_write_text(opts.out / "README.md", _readme(info))
+    return status, info
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``apr-export`` entry point; returns the exit status (0 ok, 1 parity/TensorRT failure, 2 bad input)."""
+    from apr_localizer.export import ExportError
+
+    from .datasets.labels import LabelError
+
+    parser = build_parser()
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    if args.calibration_labels and not args.data:
+        parser.error("--calibration-labels needs --data (the dataset root of its img_path column)")
+    if args.tensorrt and args.precision == "int8" and not args.calibration_labels:
+        parser.error("--precision int8 needs --calibration-labels CSV --data ROOT (INT8 calibration images)")
+    if args.parity_images < 1:
+        parser.error(f"--parity-images must be >= 1, got {args.parity_images}")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    opts = ExportOptions(
+        model=Path(args.model), out=Path(args.out), iapr=args.iapr and Path(args.iapr),
+        pae=args.pae and Path(args.pae),
+        scene_names=[s.strip() for s in args.scene_names.split(",")] if args.scene_names else None,
+        exporter=args.exporter, opset=args.opset, parity_images=args.parity_images, tolerance=args.tolerance,
+        threads=args.threads, tensorrt=args.tensorrt, precision=args.precision,
+        calibration_labels=args.calibration_labels and Path(args.calibration_labels),
+        data=args.data and Path(args.data), calibration_count=args.calibration_count,
+    )  # fmt: skip
+    try:
+        status, info = export_deployment(opts)
+    except (CheckpointError, LabelError, FileNotFoundError, ExportCliError) as e:
+        print(f"apr-export: error: {e}", file=sys.stderr)
+        return 2
+    except ExportError as e:
+        print(f"apr-export: error: ONNX export failed: {e}", file=sys.stderr)
+        return 1
+    onnx_dir = info["onnx"]["dir"]
+    print(f"apr-export: wrote {opts.out / MODEL_NAME}, {onnx_dir}/ and {opts.out / EXPORT_INFO} (see README.md)")
     return status
 
 

@@ -150,6 +150,14 @@ def test_export_builds_each_tensorrt_engine_once_on_the_target(models, tmp_path,
     assert "TensorRT engines for this GPU cached in" in capsys.readouterr().out
 
 
+def test_export_library_takes_an_options_dataclass(models, tmp_path):
+    from apr_training.export_cli import ExportOptions, export_deployment
+
+    status, info = export_deployment(ExportOptions(model=models["bundle"], out=tmp_path / "d", parity_images=1))
+    assert status == 0 and info["parity"]["passed"] and info["onnx"]["node_default"]
+    assert json.loads((tmp_path / "d" / "export.json").read_text()) == info
+
+
 def test_export_bad_input(models, tmp_path, capsys):
     assert export_main(["--model", str(tmp_path / "missing.pth"), "--out", str(tmp_path / "o")]) == 2
     assert "missing.pth" in capsys.readouterr().err

@@ -12,7 +12,8 @@ and computes accuracy and latency.
 
 Arguments: ``bag`` (required), ``model`` (overrides ``model.path``), ``params_file`` (default: the installed
 config/localizer.yaml), ``rate`` (playback speed factor), ``image_topic`` (overrides the file's value when not empty),
-``log_level``. Set ``ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST`` when the replay must stay on this machine.
+``output_pose`` (default ``camera``: the pose the bag's ground truth describes), ``log_level``. Set
+``ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST`` when the replay must stay on this machine.
 """
 
 import os
@@ -41,6 +42,9 @@ def _actions(context, *args, **kwargs):
     image_topic = LaunchConfiguration("image_topic").perform(context)
     if image_topic:
         overrides["image_topic"] = image_topic
+    output_pose = LaunchConfiguration("output_pose").perform(context)
+    if output_pose:
+        overrides["output_pose"] = output_pose
     node = LifecycleNode(
         package=PACKAGE,
         executable=EXECUTABLE,
@@ -71,6 +75,12 @@ def generate_launch_description():
             DeclareLaunchArgument("params_file", default_value=default_params, description="Node parameters."),
             DeclareLaunchArgument("rate", default_value="1.0", description="Playback speed factor."),
             DeclareLaunchArgument("image_topic", default_value="", description="Image topic; empty = from file."),
+            DeclareLaunchArgument(
+                "output_pose",
+                default_value="camera",
+                description="camera (compare with camera ground truth, as apr-eval-bag live does) or base "
+                "(needs the base <- camera extrinsic in the bag's /tf_static); empty = from the parameter file.",
+            ),
             DeclareLaunchArgument("log_level", default_value="info", description="debug, info, warn, error."),
             OpaqueFunction(function=_actions),
         ]

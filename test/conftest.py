@@ -20,16 +20,13 @@ from typing import Any
 
 import pytest
 
+from apr_training.ros_harness import DOMAIN_RANGE as _DOMAIN_RANGE  # the one domain-id policy
+from apr_training.ros_harness import prepare_ros_environment
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FASTDDS_PROFILE = REPO_ROOT / "config" / "fastdds_shm_big.xml"
-# Private domain ids: 0 is everybody's default; ids above 101 can collide with Linux ephemeral ports.
-_DOMAIN_RANGE = range(1, 101)
 
 _created_log_dir: str | None = None
-
-
-def _valid_domain_id(value: str | None) -> bool:
-    return value is not None and value.isdigit() and int(value) in _DOMAIN_RANGE
 
 
 def _apply_ros_env_defaults() -> None:
@@ -41,15 +38,8 @@ def _apply_ros_env_defaults() -> None:
             "tests must not send DDS traffic off the machine.",
             stacklevel=2,
         )
-    os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
-    if not _valid_domain_id(os.environ.get("ROS_DOMAIN_ID")):
-        os.environ["ROS_DOMAIN_ID"] = str(random.SystemRandom().choice(_DOMAIN_RANGE))
-    if not os.environ.get("ROS_LOG_DIR"):
-        _created_log_dir = tempfile.mkdtemp(prefix="apr_ros_log_")
-        os.environ["ROS_LOG_DIR"] = _created_log_dir
-    os.environ.setdefault("AMENT_PREFIX_PATH", sys.prefix)
-    if FASTDDS_PROFILE.is_file():
-        os.environ.setdefault("FASTDDS_DEFAULT_PROFILES_FILE", str(FASTDDS_PROFILE))
+    changed = prepare_ros_environment(fastdds_profile=FASTDDS_PROFILE)  # the tools' policy (apr_training.ros_harness)
+    _created_log_dir = changed.get("ROS_LOG_DIR")
     if os.environ.get("RMW_IMPLEMENTATION", "rmw_fastrtps_cpp") != "rmw_fastrtps_cpp":
         del os.environ["RMW_IMPLEMENTATION"]  # only Fast DDS exists in the PyPI wheels
 

@@ -667,7 +667,6 @@ def test_live_fails_clearly_when_the_model_cannot_be_loaded(tmp_path, eval_bag, 
     bad = tmp_path / "broken.safetensors"
     bad.write_bytes(b"not a model at all")
     out = tmp_path / "live_bad"
-    start = time.monotonic()
     proc = _run_cli(
         [
             "live",
@@ -690,7 +689,8 @@ def test_live_fails_clearly_when_the_model_cannot_be_loaded(tmp_path, eval_bag, 
     )
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "configure failed" in proc.stderr and str(bad) in proc.stderr
-    assert time.monotonic() - start < 60  # failed on the node's diagnostics, not on the timeout
+    # failed on the node's diagnostics (exit 2), not on the start-up timeout (exit 3, "apr-eval-bag: timeout:")
+    assert "apr-eval-bag: timeout" not in proc.stderr and "did not become active" not in proc.stderr
     assert "shut down" in (out / "node.log").read_text()  # the node was stopped with SIGINT
 
     proc = _run_cli(

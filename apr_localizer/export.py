@@ -134,12 +134,18 @@ def _graphs_of(bundle: ModelBundle) -> dict[str, nn.Module]:
     return graphs
 
 
+def _iapr(bundle: ModelBundle) -> IAPR:
+    if bundle.iapr is None:
+        raise ExportError("this model has no iAPR, so it has no encoder or refinement graph")
+    return bundle.iapr
+
+
 def _example_inputs(bundle: ModelBundle, graph: str, batch: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
     gen = torch.Generator().manual_seed(seed)
     size = int(bundle.preprocess.get("crop", 224))
     if graph in ("apr", "encoder"):
         return torch.randn(batch, 3, size, size, generator=gen), torch.full((batch,), -1, dtype=torch.int64)
-    d = bundle.iapr.config.ms_transformer.hidden_dim
+    d = _iapr(bundle).config.ms_transformer.hidden_dim
     q = torch.nn.functional.normalize(torch.randn(batch, 4, generator=gen), dim=1)
     return (
         torch.randn(batch, d, generator=gen),
@@ -151,7 +157,7 @@ def _example_inputs(bundle: ModelBundle, graph: str, batch: int, seed: int = 0) 
 
 def _expected_shapes(bundle: ModelBundle, graph: str, batch: int) -> dict[str, tuple[tuple[int, ...], str]]:
     size = int(bundle.preprocess.get("crop", 224))
-    model = bundle.apr if graph != "encoder" else bundle.iapr.mstransformer
+    model = bundle.apr if graph != "encoder" else _iapr(bundle).mstransformer
     return graph_signature(graph, batch, size, model.num_scenes, model.config.hidden_dim)
 
 
@@ -322,7 +328,7 @@ def fold_constants(model: Any, max_elements: int = 1 << 22, max_rounds: int = 8)
                         arrays[i] = numpy_helper.to_array(inits[i])
                 feeds = {i: arrays[i] for i in node.input if i}
                 try:
-                    result = ReferenceEvaluator(node, opsets=opsets).run(None, feeds)
+                    result = list(ReferenceEvaluator(node, opsets=opsets).run(None, feeds))  # type: ignore[arg-type]
                 except Exception:  # an op the reference runtime lacks: keep it computed
                     result = None
             if result is not None and all(np.asarray(r).size <= max_elements for r in result):
@@ -630,7 +636,7 @@ class _Case:
 
     def result(self, tol: float) -> dict[str, Any]:
         pose_ok = all(v <= tol for k, v in self.diffs.items() if k in ("pose", "refined_pose"))
-        out = {"graph": self.graph, "inputs": self.kind, "path": self.path, "max_abs_diff": self.diffs}
+        out: dict[str, Any] = {"graph": self.graph, "inputs": self.kind, "path": self.path, "max_abs_diff": self.diffs}
         if self.scenes:
             out["scene_agreement"] = self.agree / max(self.total, 1)
         out["images"] = self.total
@@ -653,7 +659,7 @@ def _parity_cases(
     cases = {}
     graphs = [("apr", bundle.apr)]
     if "encoder" in sessions:
-        graphs.append(("encoder", bundle.iapr.mstransformer))
+        graphs.append(("encoder", _iapr(bundle).mstransformer))
     for graph, _ in graphs:
         for path in ("argmax", "override"):
             cases[graph, path] = _Case(graph, kind, path)
@@ -672,7 +678,7 @@ def _parity_cases(
             apr_out = latents["apr"][0]
             lat = latents["encoder"][1] if "encoder" in latents else apr_out  # a separate encoder: forced latents
             args = (lat["latent_t"], lat["latent_rot"], apr_out["pose"], lat["scene"])
-            ref = {"refined_pose": _on_cpu(bundle.iapr.step, *args)}
+            ref = {"refined_pose": _on_cpu(_iapr(bundle).step, *args)}
             cases["refine", "step"].add(ref, _run_ort(sessions["refine"], REFINE_INPUTS, args), n)
     return [c.result(tol) for c in cases.values()]
 
@@ -714,7 +720,7 @@ def _dedupe_and_sort(model: Any) -> None:
     dynamo export), i.e. duplicate output names; ONNX requires unique names and topological order.
     """
     g = model.graph
-    nodes, produced = [], set()
+    nodes, produced = [], set[str]()
     for n in g.node:
         if set(n.output) & produced:
             if n.op_type != "Cast":

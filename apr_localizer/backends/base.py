@@ -18,6 +18,7 @@ import importlib
 import logging
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -111,6 +112,8 @@ class Backend(ABC):
     """One inference engine holding the graphs of a :class:`ModelBundle`."""
 
     name: str = "?"
+    selection_reason: str = "requested"  # set by create_backend("auto"): why this candidate was chosen
+    selection_skipped: Sequence[str] = ()  # set by create_backend("auto"): "<backend>/<device>: <reason>" per skip
 
     def __init__(self, bundle: ModelBundle, options: BackendOptions) -> None:
         if options.precision not in PRECISIONS:

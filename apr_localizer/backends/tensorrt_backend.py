@@ -106,9 +106,8 @@ def cuda_device(device: str) -> CudaDevice:
     if not torch.cuda.is_available():
         raise BackendError("the tensorrt backend needs a CUDA device and torch sees none")
     index = dev.index if dev.index is not None else torch.cuda.current_device()
-    return CudaDevice(
-        torch.device("cuda", index), torch.cuda.get_device_name(index), tuple(torch.cuda.get_device_capability(index))
-    )
+    major, minor = torch.cuda.get_device_capability(index)
+    return CudaDevice(torch.device("cuda", index), torch.cuda.get_device_name(index), (int(major), int(minor)))
 
 
 def rtx_supports(capability: tuple[int, int]) -> bool:

@@ -190,33 +190,35 @@ def _keep_normalization_fp32(trt: ModuleType, network: Any, config: Any, caps: T
     return pinned
 
 
-def _make_calibrator(trt: ModuleType, network: Any, images: torch.Tensor, batch: int):
+def _make_calibrator(trt: ModuleType, network: Any, images: torch.Tensor | None, batch: int) -> Any:
     """Make an ``IInt8EntropyCalibrator2`` feeding ``images`` (N,3,H,W) to ``image`` (scene_override = -1)."""
     if not torch.cuda.is_available():
         raise BackendError("INT8 calibration needs a CUDA device")
+    if images is None:
+        raise BackendError("an INT8 TensorRT engine needs calibration images (BackendOptions.calibration_images)")
     inputs = {network.get_input(i).name: network.get_input(i) for i in range(network.num_inputs)}
     if "image" not in inputs:
         raise BackendError("INT8 calibration applies to the apr/encoder graphs (input 'image') only")
     if images.shape[0] < batch:
         raise BackendError(f"INT8 calibration needs at least {batch} images, got {images.shape[0]}")
     dev = torch.device("cuda")
-    images = images.detach().to(dev, torch.float32).contiguous()
+    data: torch.Tensor = images.detach().to(dev, torch.float32).contiguous()
     int32 = inputs.get("scene_override") is not None and inputs["scene_override"].dtype == trt.int32
     scene = torch.full((batch,), -1, dtype=torch.int32 if int32 else torch.int64, device=dev)
 
-    class _Calibrator(trt.IInt8EntropyCalibrator2):
+    class _Calibrator(trt.IInt8EntropyCalibrator2):  # type: ignore[name-defined]
         def __init__(self) -> None:
             trt.IInt8EntropyCalibrator2.__init__(self)
             self.index = 0
-            self.buffer = torch.empty((batch, *images.shape[1:]), dtype=torch.float32, device=dev)
+            self.buffer = torch.empty((batch, *data.shape[1:]), dtype=torch.float32, device=dev)
 
         def get_batch_size(self) -> int:
             return batch
 
         def get_batch(self, names: list[str]) -> list[int] | None:
-            if self.index + batch > images.shape[0]:
+            if self.index + batch > data.shape[0]:
                 return None
-            self.buffer.copy_(images[self.index : self.index + batch])
+            self.buffer.copy_(data[self.index : self.index + batch])
             self.index += batch
             torch.cuda.synchronize(dev)
             return [int(self.buffer.data_ptr() if n == "image" else scene.data_ptr()) for n in names]
@@ -230,7 +232,7 @@ def _make_calibrator(trt: ModuleType, network: Any, images: torch.Tensor, batch:
     return _Calibrator()
 
 
-def quantize_qdq_int8(src: Path, dst: Path, images: torch.Tensor) -> Path:
+def quantize_qdq_int8(src: Path, dst: Path, images: torch.Tensor | None) -> Path:
     """Write ``src`` with symmetric int8 Q/DQ pairs on Conv/MatMul/Gemm, calibrated on ``images`` (N,3,H,W).
 
     The explicit-quantization input TensorRT 11.x builds int8 kernels from (per-channel weights, per-tensor
@@ -390,4 +392,4 @@ def calibration_sha256(images: torch.Tensor | None) -> str:
     """sha256 of the calibration images (part of an INT8 engine's cache key); empty without images."""
     if images is None:
         return ""
-    return hashlib.sha256(images.detach().to("cpu", torch.float32).contiguous().numpy()).hexdigest()
+    return hashlib.sha256(images.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()).hexdigest()

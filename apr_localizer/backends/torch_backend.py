@@ -93,11 +93,11 @@ class TorchBackend(Backend):
         # Inference copies with BatchNorm folded into the convolutions; a shared iAPR encoder stays shared.
         # channels_last: faster convolutions with oneDNN (CPU) and cuDNN (tensor cores).
         cl = torch.channels_last
-        self.apr = fold_batchnorm(copy.deepcopy(bundle.apr)).to(dev, memory_format=cl)
+        self.apr = fold_batchnorm(copy.deepcopy(bundle.apr)).to(dev).to(memory_format=cl)
         self.iapr = None
         if bundle.iapr is not None:
             self.iapr = copy.deepcopy(bundle.iapr, memo={id(bundle.apr): self.apr})
-            fold_batchnorm(self.iapr).to(dev, memory_format=cl)
+            fold_batchnorm(self.iapr).to(dev).to(memory_format=cl)
         self._graphs: dict[tuple, _CudaGraph] = {}
         self.use_cuda_graphs = bool(options.cuda_graphs and dev.type == "cuda")
 
@@ -116,11 +116,13 @@ class TorchBackend(Backend):
         return tuple(out[k].float() if out[k].is_floating_point() else out[k] for k in APR_OUTPUTS)
 
     def _encoder(self, image: torch.Tensor, scene: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.iapr is not None  # callers check has_refiner
         with self._ctx():
             lt, lr = self.iapr.query_latents(image, scene)
         return lt.float(), lr.float()
 
     def _refine(self, lt, lr, pose, scene) -> torch.Tensor:
+        assert self.iapr is not None  # callers check has_refiner
         with self._ctx():
             return self.iapr.step(lt, lr, pose, scene).float()
 

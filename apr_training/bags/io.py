@@ -481,7 +481,11 @@ class BagWriter:
     def write(self, topic: str, msg: Any, t_ns: int) -> None:
         """Serialise and write ``msg`` on ``topic`` at bag time ``t_ns``."""
         msgtype = msg.__msgtype__
-        self._writer.write(self._connection(topic, msgtype), int(t_ns), typestore().serialize_cdr(msg, msgtype))
+        self.write_cdr(topic, msgtype, typestore().serialize_cdr(msg, msgtype), t_ns)
+
+    def write_cdr(self, topic: str, msgtype: str, data: bytes, t_ns: int) -> None:
+        """Write an already serialised (CDR) ``msgtype`` message on ``topic`` at bag time ``t_ns``."""
+        self._writer.write(self._connection(topic, msgtype), int(t_ns), bytes(data))
         self.counts[topic] = self.counts.get(topic, 0) + 1
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .io import typestore
+from .io import BagWriter
 from .player import BagPlayerError, msg_class, msg_type_name
 
 __all__ = ["Recorded", "TopicRecorder"]
@@ -111,20 +111,12 @@ class TopicRecorder:
     def write_bag(self, path: str | Path, storage: str = "sqlite3") -> Path:
         """Write the records to a new rosbag2 (``storage`` sqlite3 or mcap) with their receipt times as log times."""
         from rclpy.serialization import serialize_message
-        from rosbags.rosbag2 import StoragePlugin, Writer
 
-        plugins = {"sqlite3": StoragePlugin.SQLITE3, "mcap": StoragePlugin.MCAP}
-        if storage not in plugins:
-            raise BagPlayerError(f"storage must be one of {sorted(plugins)}, got {storage!r}")
-        path = Path(path)
-        if path.exists():
-            raise BagPlayerError(f"output bag {path} already exists")
-        ts = typestore()
-        with Writer(path, version=9, storage_plugin=plugins[storage]) as writer:
-            conns = {}
-            for topic, cls in self.types.items():
-                conns[topic] = writer.add_connection(topic, msg_type_name(cls), typestore=ts)
-            for r in self.snapshot():
-                data = r.msg if self.raw else serialize_message(r.msg)
-                writer.write(conns[r.topic], r.receipt_ns, bytes(data))
-        return path
+        try:
+            with BagWriter(path, storage) as writer:
+                for r in self.snapshot():
+                    data = r.msg if self.raw else serialize_message(r.msg)
+                    writer.write_cdr(r.topic, msg_type_name(self.types[r.topic]), bytes(data), r.receipt_ns)
+        except (ValueError, FileExistsError) as exc:
+            raise BagPlayerError(str(exc)) from None
+        return Path(path)

@@ -37,6 +37,7 @@ from .models.backbone import NUM_STAGES, unused_official_backbone_keys
 from .models.ms_transformer import MSTransformer, MSTransformerConfig
 from .models.pae import PAEConfig, PoseAutoEncoder
 from .models.rpr import IAPR, IAPRConfig
+from .uncertainty import Calibration, CalibrationError
 
 __all__ = [
     "DEFAULT_PREPROCESS",
@@ -55,6 +56,7 @@ __all__ = [
     "read_metadata",
     "read_safetensors",
     "read_safetensors_header",
+    "read_camera",
     "save_model",
     "save_official_checkpoint",
     "to_official_state_dict",
@@ -526,6 +528,8 @@ class ModelBundle:
     """What the runtime needs: the APR, optional iAPR (and standalone PAE), scene names, preprocessing, provenance.
 
     ``iapr.mstransformer is apr`` means the iAPR shares the APR's image encoder: latents are computed once.
+    ``uncertainty`` maps a per-frame score to sigmas (None: uncalibrated, e.g. official checkpoints); ``camera`` is
+    the training camera ``{fx, fy, cx, cy, width, height}`` (None: unknown).
     """
 
     apr: MSTransformer
@@ -534,6 +538,8 @@ class ModelBundle:
     scene_names: list[str] = field(default_factory=list)
     preprocess: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_PREPROCESS))
     provenance: dict[str, Any] = field(default_factory=dict)
+    uncertainty: Calibration | None = None
+    camera: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
         n = self.apr.num_scenes
@@ -566,13 +572,21 @@ def save_model(
     preprocess: dict[str, Any] | None = None,
     provenance: dict[str, Any] | None = None,
     dtype: torch.dtype = torch.float32,
+    uncertainty: Calibration | Mapping[str, Any] | None = None,
+    camera: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a model bundle as one safetensors file with JSON metadata. ``dtype=torch.float16`` halves the size.
 
-    BatchNorm counters and other integer buffers keep their dtype. The write is atomic (see
-    :func:`write_safetensors`): a reader sees the old file or the new one.
+    ``uncertainty`` (a :class:`Calibration` or its dict) and ``camera`` (``fx, fy, cx, cy, width, height`` of the
+    training images) are optional metadata, validated as :func:`load_model` validates them. BatchNorm counters and
+    other integer buffers keep their dtype. The write is atomic (see :func:`write_safetensors`): a reader sees the
+    old file or the new one.
     """
     bundle = ModelBundle(apr, iapr, pae, list(scene_names or []), dict(preprocess or DEFAULT_PREPROCESS))
+    if isinstance(uncertainty, Calibration):
+        uncertainty = uncertainty.to_dict()
+    calibration = _calibration(uncertainty, Path(path)) if uncertainty is not None else None
+    trained_camera = read_camera(camera, Path(path)) if camera is not None else None
     shares = bundle.shares_encoder
     tensors: dict[str, torch.Tensor] = {}
 
@@ -601,6 +615,10 @@ def save_model(
         "dtype": str(dtype).replace("torch.", ""),
         "provenance": dict(provenance or {}),
     }
+    if calibration is not None:
+        meta["uncertainty"] = calibration.to_dict()
+    if trained_camera is not None:
+        meta["camera"] = trained_camera
     return write_safetensors(path, tensors, {METADATA_KEY: json.dumps(meta)})
 
 
@@ -735,6 +753,34 @@ def _scene_names(meta: Mapping[str, Any], path: Path) -> list[str]:
     return list(names)
 
 
+CAMERA_KEYS = ("fx", "fy", "cx", "cy", "width", "height")
+
+
+def read_camera(camera: Any, path: Path) -> dict[str, float]:
+    """Validate training-camera metadata ``{fx, fy, cx, cy, width, height}`` (extra keys such as ``K`` are dropped).
+
+    Raises:
+        CheckpointError: one sentence when a value is missing, not a finite positive number or out of range.
+    """
+    if not isinstance(camera, Mapping):
+        raise CheckpointError(f"{path}: camera metadata is not a JSON object")
+    out: dict[str, float] = {}
+    for key in CAMERA_KEYS:
+        v = camera.get(key)
+        limit = 100_000.0 if key in ("width", "height") else 1e7
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 < v <= limit:
+            raise CheckpointError(f"{path}: camera metadata {key} must be a number in (0, {limit:g}], got {quote(v)}")
+        out[key] = int(v) if key in ("width", "height") else float(v)
+    return out
+
+
+def _calibration(d: Any, path: Path) -> Calibration:
+    try:
+        return Calibration.from_dict(d)
+    except CalibrationError as e:
+        raise CheckpointError(f"{path}: invalid uncertainty metadata ({_reason(e)})") from None
+
+
 def load_model(path: str | Path) -> ModelBundle:
     """Load a bundle written by :func:`save_model` (models in eval mode, float32).
 
@@ -762,6 +808,13 @@ def load_model(path: str | Path) -> ModelBundle:
         raise CheckpointError(f"{path}: invalid preprocess metadata ({_reason(e)})") from None
     if not isinstance(provenance, dict):
         raise CheckpointError(f"{path}: provenance metadata is not a JSON object")
+    calibration = _calibration(meta["uncertainty"], path) if meta.get("uncertainty") is not None else None
+    trained_camera = read_camera(meta["camera"], path) if meta.get("camera") is not None else None
+    if trained_camera is None and provenance.get("camera") is not None:  # models written before the camera key
+        try:
+            trained_camera = read_camera(provenance["camera"], path)
+        except CheckpointError:
+            trained_camera = None  # informational there: an unusable value is not checked
     _dry_run(comps, infos, path)
     tensors, _ = read_safetensors(path)
     apr, iapr, pae = _build(comps, path)
@@ -772,7 +825,7 @@ def load_model(path: str | Path) -> ModelBundle:
         if model is iapr and iapr.mstransformer is apr:
             sd.update({"mstransformer." + k: v for k, v in apr.state_dict().items()})
         _load_strict(model, sd, f"{path} [{prefix.rstrip('.')}]")
-    bundle = ModelBundle(apr, iapr, pae, scene_names, dict(preprocess), dict(provenance))
+    bundle = ModelBundle(apr, iapr, pae, scene_names, dict(preprocess), dict(provenance), calibration, trained_camera)
     return bundle.eval()
 
 

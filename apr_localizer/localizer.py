@@ -7,7 +7,9 @@
     est.pose                         # [x, y, z, qw, qx, qy, qz], camera-to-map, unit quaternion with w >= 0
 
 Stages: decode (non-RGB encodings) → preprocess (the training test transform, on the backend's device) → APR graph
-once → ``iapr_iterations`` refinement steps on the cached image latents → geometry normalisation.
+once → ``iapr_iterations`` refinement steps on the cached image latents → geometry normalisation → uncertainty
+(the score of :mod:`apr_localizer.uncertainty` that the bundle's calibration uses, or ``step_size``; sigmas when the
+bundle is calibrated).
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import geometry
-from .backends.base import Backend, BackendError, BackendOptions, create_backend
+from . import geometry, uncertainty
+from .backends.base import Backend, BackendError, BackendOptions, Steps, create_backend
 from .checkpoints import CheckpointError, ModelBundle, load_bundle
 from .imaging import decode_raw
 from .preprocess import PreprocessConfig, preprocess
@@ -52,7 +54,13 @@ class LocalizerOptions:
 
 @dataclass
 class Estimate:
-    """One localization result. ``pose`` is camera-to-map ``[x,y,z,qw,qx,qy,qz]`` (float64, unit q, ``w >= 0``)."""
+    """One localization result. ``pose`` is camera-to-map ``[x,y,z,qw,qx,qy,qz]`` (float64, unit q, ``w >= 0``).
+
+    ``score`` is the uncertainty score ``score_name`` (higher = less trustworthy; NaN when it cannot be computed,
+    e.g. ``step_size`` of the APR estimate) as it would be if the refinement had stopped at ``iterations``;
+    ``sigma_position_m`` (per axis, m) and ``sigma_orientation_rad`` (per axis, rad) come from the bundle's
+    calibration, None when the model is uncalibrated.
+    """
 
     pose: np.ndarray
     apr_pose: np.ndarray
@@ -61,6 +69,10 @@ class Estimate:
     confidence: float
     iterations: int
     timings_ms: dict[str, float] = field(default_factory=dict)
+    score: float = math.nan
+    score_name: str = uncertainty.DEFAULT_SCORE
+    sigma_position_m: float | None = None
+    sigma_orientation_rad: float | None = None
 
     @property
     def position(self) -> np.ndarray:
@@ -178,20 +190,47 @@ class Localizer:
         name = self.scene_names[scene] if 0 <= scene < len(self.scene_names) else str(scene)
         poses = [_to_pose(p) for p in steps.poses]
         apr_raw = steps.poses[0][0].detach().to("cpu", torch.float64).numpy()  # as regressed (not normalised)
+        cal = self.bundle.uncertainty
+        score_name = cal.score if cal is not None else uncertainty.DEFAULT_SCORE
+        pae = self._pae_gap(steps) if score_name == "pae_gap" else math.nan
+        rot_weight = cal.rot_weight if cal is not None else 1.0
         timings["postprocess"] = (time.perf_counter() - t4) * 1e3
         timings["total"] = (time.perf_counter() - t0) * 1e3
-        return [
-            Estimate(
-                pose=pose,
-                apr_pose=apr_raw,
-                scene_id=scene,
-                scene_name=name,
-                confidence=conf,
-                iterations=k,
-                timings_ms=timings,
+        estimates = []
+        for k, pose in enumerate(poses):
+            score = uncertainty.score_frame(score_name, poses[: k + 1], conf, rot_weight, pae)
+            sigmas = cal.sigma(score) if cal is not None else (None, None)
+            estimates.append(
+                Estimate(
+                    pose=pose,
+                    apr_pose=apr_raw,
+                    scene_id=scene,
+                    scene_name=name,
+                    confidence=conf,
+                    iterations=k,
+                    timings_ms=timings,
+                    score=score,
+                    score_name=score_name,
+                    sigma_position_m=sigmas[0],
+                    sigma_orientation_rad=sigmas[1],
+                )
             )
-            for k, pose in enumerate(poses)
-        ]
+        return estimates
+
+    def _pae_gap(self, steps: Steps) -> float:
+        """:func:`uncertainty.pae_gap` of the APR estimate (the bundle's PAE in torch; NaN without a PAE)."""
+        pae = self.bundle.pae if self.bundle.pae is not None else getattr(self.bundle.iapr, "pae", None)
+        if pae is None:
+            return math.nan
+        param = next(pae.parameters())
+        with torch.inference_mode():
+            pose = steps.poses[0][:1].to(param.device, param.dtype)
+            scene = steps.scene[:1].reshape(-1, 1).to(param.device, param.dtype)
+            out = pae(pose, scene)
+        return uncertainty.pae_gap(
+            *(t[0].detach().to("cpu", torch.float64).numpy() for t in (out["latent_t"], out["latent_rot"])),
+            *(t[0].detach().to("cpu", torch.float64).numpy() for t in (steps.latent_t, steps.latent_rot)),
+        )
 
     def describe(self) -> dict[str, str]:
         """Backend, device, precision, scenes and iterations, for logs and diagnostics."""

@@ -5,7 +5,14 @@ A *score* is computed per frame from what the inference loop already produced (h
 * ``scene_prob``: ``1 − p(scene)`` of the scene classifier;
 * ``step_size``: the size of the last iAPR step, ``‖Δt‖ + rot_weight · angle(Δq)`` (m; rad weighted in m/rad). A
   refiner that still moves the estimate has not converged;
-* ``apr_iapr_gap``: the distance between the APR estimate and the final refined estimate (same metric).
+* ``apr_iapr_gap``: the distance between the APR estimate and the final refined estimate (same metric);
+* ``pae_gap``: disagreement between the image latents and the pose auto-encoder's latents of the APR estimate,
+  ``(‖PAE_t(p) − l_t‖ / ‖l_t‖ + ‖PAE_rot(p) − l_rot‖ / ‖l_rot‖) / 2`` (:func:`pae_gap`): an image unlike the
+  training images gives latents that no pose of the scene explains. Needs the bundle's PAE (one small MLP pass).
+
+For the estimate after ``k`` refinement steps (:meth:`Localizer.run_steps`) a score is what it would be if the loop
+stopped at ``k``: ``step_size`` is the size of step ``k`` and ``apr_iapr_gap`` the distance from the APR estimate
+(both NaN for ``k = 0``, the APR estimate alone); ``scene_prob`` and ``pae_gap`` do not depend on ``k``.
 
 A :class:`Calibration` maps a score to per-axis standard deviations (position in m, orientation in rad), fitted on a
 held-out validation split by :func:`fit_calibration` and stored in the model bundle's metadata. The metrics a robot
@@ -31,13 +38,18 @@ __all__ = [
     "auroc",
     "coverage_at_precision",
     "fit_calibration",
+    "pae_gap",
     "risk_coverage",
     "score_frame",
     "within_sigma",
 ]
 
-SCORES = ("scene_prob", "step_size", "apr_iapr_gap")
+SCORES = ("scene_prob", "step_size", "apr_iapr_gap", "pae_gap")
+DEFAULT_SCORE = "step_size"  # the score reported by uncalibrated models
 MAX_KNOTS = 256
+MAX_SIGMA_POSITION_M = 1e4
+MAX_SIGMA_ORIENTATION_RAD = 10.0
+_FIELDS = ("score", "knots", "sigma_position_m", "sigma_orientation_rad", "rot_weight", "frames")
 
 
 class CalibrationError(ValueError):
@@ -50,13 +62,29 @@ def _pose_distance(a: np.ndarray, b: np.ndarray, rot_weight: float) -> float:
     return dt + rot_weight * dq
 
 
-def score_frame(name: str, poses: Sequence[np.ndarray], confidence: float, rot_weight: float = 1.0) -> float:
+def pae_gap(
+    pae_latent_t: np.ndarray, pae_latent_rot: np.ndarray, latent_t: np.ndarray, latent_rot: np.ndarray
+) -> float:
+    """Mean relative distance between the PAE's latents of a pose and the image latents (each ``(D,)``)."""
+    gaps = []
+    for a, b in ((pae_latent_t, latent_t), (pae_latent_rot, latent_rot)):
+        a64, b64 = np.asarray(a, np.float64).reshape(-1), np.asarray(b, np.float64).reshape(-1)
+        gaps.append(float(np.linalg.norm(a64 - b64)) / max(float(np.linalg.norm(b64)), 1e-12))
+    return 0.5 * (gaps[0] + gaps[1])
+
+
+def score_frame(
+    name: str, poses: Sequence[np.ndarray], confidence: float, rot_weight: float = 1.0, pae: float = math.nan
+) -> float:
     """Score ``name`` of one frame from its step poses ``[APR, step 1, …, step N]`` (each ``(7,)``) and scene prob.
 
-    ``step_size`` and ``apr_iapr_gap`` need at least one refinement step (NaN otherwise).
+    ``step_size`` and ``apr_iapr_gap`` need at least one refinement step (NaN otherwise); ``pae_gap`` is passed in
+    as ``pae`` (computed by :func:`pae_gap`, NaN when the model has no PAE).
     """
     if name == "scene_prob":
         return 1.0 - float(confidence)
+    if name == "pae_gap":
+        return float(pae)
     if name not in SCORES:
         raise CalibrationError(f"uncertainty score '{name}' is not one of {', '.join(SCORES)}")
     if len(poses) < 2:
@@ -91,6 +119,15 @@ class Calibration:
             raise CalibrationError("calibration knots must be non-decreasing")
         if min(self.sigma_position_m) <= 0 or min(self.sigma_orientation_rad) <= 0:
             raise CalibrationError("calibrated sigmas must be positive")
+        if (
+            max(self.sigma_position_m) > MAX_SIGMA_POSITION_M
+            or max(self.sigma_orientation_rad) > MAX_SIGMA_ORIENTATION_RAD
+        ):
+            raise CalibrationError(
+                f"calibrated sigmas must be at most {MAX_SIGMA_POSITION_M:g} m and {MAX_SIGMA_ORIENTATION_RAD:g} rad"
+            )
+        if not 0.0 <= self.rot_weight <= 1e6 or self.frames < 0:
+            raise CalibrationError("calibration rot_weight must be in [0, 1e6] and frames non-negative")
 
     def sigma(self, score: float) -> tuple[float, float]:
         """Sigmas ``(position m, orientation rad)`` for a score; a NaN score gets the largest sigmas."""
@@ -111,19 +148,37 @@ class Calibration:
         """Read a calibration from bundle metadata (validated; one-sentence :class:`CalibrationError`)."""
         if not isinstance(d, Mapping):
             raise CalibrationError("uncertainty metadata is not a JSON object")
+        unknown = sorted(str(k)[:40] for k in d if k not in _FIELDS)
+        if unknown:
+            raise CalibrationError(f"uncertainty metadata has unknown keys {unknown[:3]} (known: {', '.join(_FIELDS)})")
+        for key in ("knots", "sigma_position_m", "sigma_orientation_rad"):
+            if not isinstance(d.get(key), (list, tuple)):
+                raise CalibrationError(f"uncertainty metadata {key} must be a list of numbers")
+        if not all(isinstance(d.get(k, 0), (int, float)) and not isinstance(d.get(k, 0), bool) for k in _FIELDS[4:]):
+            raise CalibrationError("uncertainty metadata rot_weight and frames must be numbers")
         try:
             return cls(
-                score=str(d["score"]),
-                knots=tuple(float(v) for v in d["knots"][: MAX_KNOTS + 1]),
-                sigma_position_m=tuple(float(v) for v in d["sigma_position_m"][: MAX_KNOTS + 1]),
-                sigma_orientation_rad=tuple(float(v) for v in d["sigma_orientation_rad"][: MAX_KNOTS + 1]),
+                score=str(d["score"])[:64],
+                knots=_numbers(d["knots"]),
+                sigma_position_m=_numbers(d["sigma_position_m"]),
+                sigma_orientation_rad=_numbers(d["sigma_orientation_rad"]),
                 rot_weight=float(d.get("rot_weight", 1.0)),
                 frames=int(d.get("frames", 0)),
             )
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
             if isinstance(e, CalibrationError):
                 raise
             raise CalibrationError(f"uncertainty metadata is malformed ({type(e).__name__}: {e})"[:200]) from None
+
+
+def _numbers(values: Sequence[Any]) -> tuple[float, ...]:
+    """At most ``MAX_KNOTS + 1`` floats (more fail the knot-count check); booleans and strings are refused."""
+    out = []
+    for v in values[: MAX_KNOTS + 1]:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise CalibrationError("uncertainty metadata lists must hold numbers only")
+        out.append(float(v))
+    return tuple(out)
 
 
 def _isotonic(y: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -153,12 +208,16 @@ def fit_calibration(
     rot_weight: float = 1.0,
     min_sigma_position_m: float = 0.01,
     min_sigma_orientation_rad: float = math.radians(0.5),
+    ceiling: tuple[float, float, float] | None = None,
 ) -> Calibration:
     """Fit score → per-axis sigma on held-out frames (equal-count score bins, isotonic in the score).
 
     In a bin, an isotropic 3-D Gaussian error with per-axis sigma has ``E‖e‖² = 3σ²``, so ``σ = sqrt(mean(e²)/3)``
     for the position error (m) and for the rotation angle (rad, as a rotation vector). Frames with a NaN score are
-    left out.
+    left out. Scores beyond the validation range are clamped to the last bin's sigmas, unless ``ceiling``
+    ``(score, sigma position m, sigma orientation rad)`` names the sigmas of a frame that carries no information
+    (e.g. the room size): it becomes the last knot (when above the fitted ones), so out-of-distribution scores grow
+    towards it.
     """
     s = np.asarray(scores, float).reshape(-1)
     ep = np.asarray(position_error_m, float).reshape(-1)
@@ -178,7 +237,17 @@ def fit_calibration(
     so = np.sqrt(np.array([np.mean(eo[g] ** 2) for g in groups]) / 3.0)
     sp = np.maximum(_isotonic(sp, w), min_sigma_position_m)
     so = np.maximum(_isotonic(so, w), min_sigma_orientation_rad)
-    return Calibration(score, tuple(knots), tuple(sp), tuple(so), rot_weight, int(len(s)))
+    if ceiling is not None and ceiling[0] > knots[-1]:
+        knots = np.r_[knots, ceiling[0]]
+        sp, so = np.r_[sp, max(ceiling[1], sp[-1])], np.r_[so, max(ceiling[2], so[-1])]
+    return Calibration(
+        score,
+        tuple(float(v) for v in knots),
+        tuple(float(v) for v in sp),
+        tuple(float(v) for v in so),
+        rot_weight,
+        int(len(s)),
+    )
 
 
 # ------------------------------------------------------------------------------------------------ metrics

@@ -107,6 +107,8 @@ def test_low_precision_stays_close_to_fp32(bundle):
     clear = float(ref.scene_log_probs.max().exp()) > 0.6  # a near-tie of random weights may flip in low precision
     for precision, deg in (("fp16", 5.0), ("bf16", 15.0)):
         got = TorchBackend(bundle, BackendOptions(device="cuda", precision=precision, cuda_graphs=True)).run_steps(x, 3)
-        assert torch.equal(got.scene, ref.scene) or not clear
+        if not torch.equal(got.scene, ref.scene):
+            assert not clear, precision
+            continue  # another scene's pose heads: nothing to compare
         err = float(g.rotation_error_deg_torch(got.pose.double(), ref.pose.double()).max())
         assert math.isfinite(err) and err <= deg, (precision, err)

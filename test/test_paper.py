@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -75,3 +77,36 @@ def test_paper_table_per_scene_mean_of_medians_and_published_numbers():
     assert "| chess |" in text and "mean of the per-scene medians" in text
     iapr = per_scene_metrics(np.array(est), np.array(gt), scenes, name="+ iAPR (3 it.)", thresholds=PAPER_THRESHOLDS)
     assert "0.17 m / 6.69°" in paper_table([rep, iapr], "7scenes")  # the iAPR README average beside iAPR
+
+
+def test_apr_eval_several_csvs_prints_the_paper_table(tmp_path, capsys):
+    from model_fixtures import random_ms_transformer
+    from PIL import Image
+
+    from apr_localizer.checkpoints import save_model
+    from apr_training.cli.eval import main as eval_main
+
+    model = tmp_path / "model.safetensors"
+    save_model(model, random_ms_transformer(num_scenes=2), scene_names=["chess", "fire"])
+    rng = np.random.default_rng(0)
+    csvs = []
+    for scene in ("fire", "chess"):
+        rows = _rows(scene, 2)
+        for r in rows:
+            (tmp_path / scene).mkdir(exist_ok=True)
+            Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(tmp_path / r.img_path)
+        csvs.append(str(write_labels(tmp_path / f"abs_7scenes_pose.csv_{scene}_test.csv", rows)))
+    out = tmp_path / "eval"
+    argv = ["--model", str(model), "--data", str(tmp_path), "--labels", *csvs, "--out", str(out), "--paper",
+            "--backend", "torch", "--device", "cpu", "--no-plots", "--warmup", "0"]  # fmt: skip
+    assert eval_main(argv) == 0
+    printed = capsys.readouterr().out
+    for text in (printed, (out / "paper.md").read_text()):
+        assert "0.05m/5deg" in text and "average (mean of medians)" in text
+        assert "0.11 m / 4.66°" in text and "0.18 m / 7.28°" in text  # chess and the average, published
+    report = json.loads((out / "report.json").read_text())
+    assert [s["scene"] for s in report["methods"][0]["scenes"]] == ["chess", "fire"]
+    assert report["methods"][0]["overall"]["n"] == 4
+    with pytest.raises(SystemExit):
+        eval_main([*argv, "--thresholds", "5cm"])
+    assert "--thresholds" in capsys.readouterr().err

@@ -23,8 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from ..datasets.labels import LabelError, LabelTable, read_labels, validate_images
-from ..evaluation import metrics
+from apr_localizer.fileio import atomic_write_text
+
+from ..datasets.labels import LabelError, LabelTable, validate_images
+from ..evaluation import metrics, paper
 from ..evaluation.report import write_outputs
 from ..evaluation.runner import EvalError, LabelSource, build_report, run_frames
 from .args import add_engine_args, add_iterations_arg, add_model_args, add_output_args, run_cli, scene_names
@@ -40,7 +42,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_model_args(p)
     p.add_argument("--data", required=True, help="dataset root the CSV's img_path column is relative to")
-    p.add_argument("--labels", required=True, help="label CSV (scene,split,seq,img_path,t1,t2,t3,q1,q2,q3,q4)")
+    p.add_argument(
+        "--labels",
+        required=True,
+        nargs="+",
+        help="label CSV(s) (scene,split,seq,img_path,t1..q4); several (e.g. the per-scene test files) are evaluated "
+        "as one set with a per-scene table",
+    )
+    p.add_argument(
+        "--thresholds",
+        help="METRES/DEGREES pairs, e.g. 5cm/5deg,0.25/2 (default 0.1/1,0.25/2,0.5/5,5/10; with --paper "
+        "5cm/5deg,0.25/2,0.5/5,5/10)",
+    )
+    p.add_argument(
+        "--paper",
+        action="store_true",
+        help="also print and write paper.md: per-scene medians beside the published numbers, average row = mean of "
+        "the per-scene medians (evaluate the final-epoch last.safetensors)",
+    )
     p.add_argument("--split", help="evaluate only the rows of this split (e.g. test); default: every row")
     add_engine_args(p)
     add_iterations_arg(
@@ -94,7 +113,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
             raise EvalError(
                 f"--iterations {iterations} needs an iAPR model, but {args.model} has none (pass --iapr or use 0)"
             )
-        full = read_labels(args.labels, args.data, scene_names=loc.scene_names)
+        full = paper.read_label_csvs(args.labels, args.data, scene_names=loc.scene_names)
         rows = _select_rows(full, args.split, args.stride, args.limit)
         table = full.take(rows)
         validate_images(table)
@@ -110,7 +129,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         "model": str(args.model),
         "iapr": str(args.iapr or ""),
         "pae": str(args.pae or ""),
-        "labels": str(args.labels),
+        "labels": ", ".join(args.labels),
         "data": str(args.data),
         "backend": backend,
         "device": device,
@@ -130,9 +149,14 @@ def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         "localizer": describe,
         "command": ["apr-eval", *argv],
     }
-    report = build_report(run, info)
+    report = build_report(run, info, thresholds=args.thresholds)
     out = Path(args.out)
     write_outputs(out, run, report, plots=not args.no_plots, plane=args.plane)
+    if args.paper:
+        dataset = paper.detect_dataset(table.scenes)
+        atomic_write_text(out / "paper.md", paper.paper_table(report.methods, dataset, markdown=True))
+        if not args.quiet:
+            print(paper.paper_table(report.methods, dataset), end="")
     if not args.quiet:
         print(metrics.format_text(report), end="")
         print(f"apr-eval: wrote {out}/report.json, report.md, table.txt, frames.csv, tum/, plots/")
@@ -153,8 +177,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--limit must be >= 1, got {args.limit}")
     if args.iterations is not None and args.iterations < 0:
         parser.error(f"--iterations must be >= 0, got {args.iterations}")
+    try:
+        default = paper.PAPER_THRESHOLDS if args.paper else metrics.DEFAULT_THRESHOLDS
+        args.thresholds = paper.parse_thresholds(args.thresholds) if args.thresholds else default
+    except ValueError as e:
+        parser.error(str(e))
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(message)s")
-    errors = {ModelLoadError: 2, BackendError: 2, LabelError: 2, FileNotFoundError: 2, EvalError: 2}
+    errors: dict[type[BaseException], int] = {
+        ModelLoadError: 2,
+        BackendError: 2,
+        LabelError: 2,
+        FileNotFoundError: 2,
+        EvalError: 2,
+    }
     return run_cli("apr-eval", lambda: _run(args, argv), errors)
 
 

@@ -22,6 +22,12 @@ Outputs (stamped with the image stamp, in ``map_frame`` or the scene's frame; ``
 (one per ``visual_slam/trigger_hint``), ``/tf`` (``publish_tf``: ``map_to_odom`` re-published at ``tf_rate_hz`` and
 future-dated by ``transform_tolerance_s``; ``map_to_base``/``map_to_camera`` only when that frame has no other
 parent) and ``/diagnostics``.
+
+Uncertainty: with a calibrated model (the bundle's ``uncertainty`` metadata) every covariance is the estimate's
+calibrated ``diag(σp², σp², σp², σo², σo², σo²)`` (x y z roll pitch yaw), and an estimate whose σ exceeds
+``gating.max_sigma_position_m`` / ``gating.max_sigma_orientation_deg`` is gated: nothing is published for it (pose,
+TF, hints), ``~/relocalize`` never sees it, diagnostics count it (``gated``). Uncalibrated models publish the
+configured ``covariance.*`` (optionally divided by the scene confidence) and are never gated.
 """
 
 from __future__ import annotations
@@ -209,8 +215,7 @@ class LocalizerNode(LifecycleNode):
         with self._cfg_lock:
             self._cfg = cfg
         self._localizer = localizer
-        meta = {**localizer.bundle.provenance, **localizer.bundle.preprocess}
-        self._trained_camera = meta.get("camera") if isinstance(meta.get("camera"), dict) else None
+        self._trained_camera = localizer.bundle.camera  # load_model also reads it from older models' provenance
         self._tf = TfBuffer(cache_s=cfg.tf_cache_s)
         self._map_odom = node_logic.MapOdomFilter()
         try:
@@ -429,7 +434,7 @@ class LocalizerNode(LifecycleNode):
         fused, response.message = outcome(collector, cfg.relocalize_timeout_s, self._resolved(cfg.initialpose_topic))
         response.success = fused is not None
         if fused is not None:
-            cov = widen_covariance(self._covariance(cfg, fused.mean_confidence), fused)
+            cov = widen_covariance(self._covariance(cfg, fused.mean_confidence, fused.sigma), fused)
             stamp = ros_convert.ns_to_time(fused.stamp_ns)
             self._pubs["initialpose"].publish(
                 ros_convert.pose_with_covariance_stamped(fused.pose, cov, fused.frame_id, stamp)
@@ -504,7 +509,11 @@ class LocalizerNode(LifecycleNode):
         except Exception as exc:  # anything else a malformed message can trigger
             self._reject(f"{type(exc).__name__}: {exc}")
             return
-        est = self._localizer.localize(rgb)
+        try:
+            est = self._localizer.localize(rgb)
+        except ImageDecodeError as exc:  # decodable but unusable for the network (e.g. too small: ImageSizeError)
+            self._reject(str(exc))
+            return
         del rgb
         with self._stats.lock:
             self._stats.c["processed"] += 1
@@ -518,6 +527,16 @@ class LocalizerNode(LifecycleNode):
         if cfg.allowed_scenes and est.scene_name not in cfg.allowed_scenes:
             self._stats.add(filtered_scene=1)
             return
+        if est.sigma_position_m is not None:
+            gated = node_logic.gate(
+                est.sigma_position_m,
+                est.sigma_orientation_rad,
+                cfg.gating_max_sigma_position_m,
+                cfg.gating_max_sigma_orientation_deg,
+            )
+            self._stats.sigma(est.sigma_position_m, est.sigma_orientation_rad, gated)
+            if gated is not None:
+                return
         self._publish_estimate(cfg, est, check, received)
 
     def _publish_estimate(self, cfg: NodeConfig, est: Any, check: node_logic.HeaderCheck, received: float) -> None:
@@ -536,7 +555,8 @@ class LocalizerNode(LifecycleNode):
                 return
             map_t_base = geometry.camera_to_base(map_t_camera, base_t_camera)
         tracked = map_t_base if map_t_base is not None and cfg.output_pose == "base" else map_t_camera
-        cov = self._covariance(cfg, est.confidence)
+        sigma = None if est.sigma_position_m is None else (est.sigma_position_m, est.sigma_orientation_rad)
+        cov = self._covariance(cfg, est.confidence, sigma)
         self._pubs["pose"].publish(ros_convert.pose_stamped(tracked, frame, stamp))
         self._pubs["pose_cov"].publish(ros_convert.pose_with_covariance_stamped(tracked, cov, frame, stamp))
         if cfg.publish_tf and not check.replaced and frame == cfg.map_frame and "tf" in self._pubs:
@@ -544,7 +564,8 @@ class LocalizerNode(LifecycleNode):
         with self._collector_lock:
             collector = self._collector
         if collector is not None:
-            self._offer_sample(cfg, collector, Sample(tracked, est.scene_name, float(est.confidence), stamp_ns, frame))
+            sample = Sample(tracked, est.scene_name, float(est.confidence), stamp_ns, frame, sigma)
+            self._offer_sample(cfg, collector, sample)
         if self._hint_pending.is_set() and "hint" in self._pubs:
             self._hint_pending.clear()
             self._pubs["hint"].publish(ros_convert.pose_with_covariance_stamped(tracked, cov, frame, stamp))
@@ -567,7 +588,12 @@ class LocalizerNode(LifecycleNode):
             )
             return None
 
-    def _covariance(self, cfg: NodeConfig, confidence: float) -> np.ndarray:
+    def _covariance(self, cfg: NodeConfig, confidence: float, sigma: tuple[float, float] | None = None) -> np.ndarray:
+        """Calibrated ``σ²`` (position axes σp², rotation axes σo²) when ``sigma`` is given, else the configured one."""
+        if sigma is not None:
+            return ros_convert.covariance_from_diagonal(
+                [sigma[0] ** 2] * 3, [sigma[1] ** 2] * 3, scale_by_confidence=False
+            )
         return ros_convert.covariance_from_diagonal(
             cfg.covariance_position,
             cfg.covariance_orientation,

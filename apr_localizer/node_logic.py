@@ -28,6 +28,7 @@ __all__ = [
     "check_header",
     "feed_tf",
     "filter_options",
+    "gate",
     "MapOdomFilter",
     "diagnostic_level",
     "intrinsics_mismatch",
@@ -210,6 +211,27 @@ def intrinsics_mismatch(
     return None
 
 
+# --------------------------------------------------------------------------------------------- uncertainty
+def gate(
+    sigma_position_m: float | None,
+    sigma_orientation_rad: float | None,
+    max_position_m: float,
+    max_orientation_deg: float,
+) -> str | None:
+    """Why a calibrated estimate is too uncertain to publish (one sentence), or None (also when uncalibrated).
+
+    A limit of 0 turns that axis' gate off.
+    """
+    if sigma_position_m is None or sigma_orientation_rad is None:
+        return None
+    if max_position_m > 0.0 and not sigma_position_m <= max_position_m:
+        return f"sigma position {sigma_position_m:.3g} m above gating.max_sigma_position_m {max_position_m:g}"
+    deg = math.degrees(sigma_orientation_rad)
+    if max_orientation_deg > 0.0 and not deg <= max_orientation_deg:
+        return f"sigma orientation {deg:.3g} deg above gating.max_sigma_orientation_deg {max_orientation_deg:g}"
+    return None
+
+
 # --------------------------------------------------------------------------------------------- diagnostics
 @dataclasses.dataclass(frozen=True)
 class DiagWindow:
@@ -223,6 +245,8 @@ class DiagWindow:
     delay_p90_s: float
     max_delay_s: float
     last_failure: str = ""
+    gated: int = 0
+    last_gated: str = ""  # calibrated estimates too uncertain to publish
 
 
 def diagnostic_level(w: DiagWindow, topic: str) -> tuple[int, str]:
@@ -231,6 +255,8 @@ def diagnostic_level(w: DiagWindow, topic: str) -> tuple[int, str]:
         return WARN, f"no images on {topic}"
     if w.published == 0 and w.failed >= w.received:
         return ERROR, f"every frame fails: {w.last_failure or 'see the counters'}"
+    if w.published == 0 and w.gated > 0 and w.gated + w.failed >= w.received:
+        return WARN, f"every estimate is gated as too uncertain: {w.last_gated or 'see the counters'}"
     if w.published == 0:
         return WARN, "frames arrive but no estimate is published (low confidence, stale, filtered or still running)"
     if w.min_rate_hz > 0.0 and w.out_rate_hz < w.min_rate_hz:
@@ -244,7 +270,7 @@ def diagnostic_level(w: DiagWindow, topic: str) -> tuple[int, str]:
 COUNTERS = (
     "received", "processed", "published", "stale", "rejected", "low_confidence", "filtered_scene", "non_finite",
     "processing_errors", "tf_failures", "tf_refused", "stamps_replaced", "jumps_rejected", "relocalizations",
-    "relocalize_rejected_moving", "hints", "lost_in_transport",
+    "relocalize_rejected_moving", "hints", "lost_in_transport", "gated",
 )  # fmt: skip
 
 
@@ -257,6 +283,8 @@ class Stats:
         self.last_failure = ""
         self.last_scene = ""
         self.last_confidence = float("nan")
+        self.last_sigma = (float("nan"), float("nan"))  # of the last calibrated estimate: position m, orientation rad
+        self.last_gated = ""
         self.latency_ms: collections.deque[float] = collections.deque(maxlen=600)
         self.inference_ms: collections.deque[float] = collections.deque(maxlen=600)
         self.delay_s: collections.deque[float] = collections.deque(maxlen=600)
@@ -271,6 +299,14 @@ class Stats:
         with self.lock:
             self.c[counter] += 1
             self.last_failure = truncate(reason)
+
+    def sigma(self, position_m: float, orientation_rad: float, gated: str | None) -> None:
+        """Remember a calibrated estimate's sigmas; count it as gated (with the reason) when ``gated``."""
+        with self.lock:
+            self.last_sigma = (float(position_m), float(orientation_rad))
+            if gated is not None:
+                self.c["gated"] += 1
+                self.last_gated = gated
 
     def published(self, scene: str, confidence: float, latency_ms: float, delay_s: float) -> None:
         """Count a published estimate with its receive → publish latency and capture → publish delay."""
@@ -295,6 +331,7 @@ def diagnostic_report(
         counts = dict(stats.c)
         lat, inf, delay = (np.array(d, dtype=np.float64) for d in (stats.latency_ms, stats.inference_ms, stats.delay_s))
         last_failure, last_scene, last_conf = stats.last_failure, stats.last_scene, stats.last_confidence
+        last_sigma, last_gated = stats.last_sigma, stats.last_gated
     dt = max(dt, 1e-6)
     d = {k: counts[k] - before.get(k, 0) for k in counts}
     window = DiagWindow(
@@ -306,6 +343,8 @@ def diagnostic_report(
         delay_p90_s=float(np.percentile(delay, 90)) if delay.size else float("nan"),
         max_delay_s=max_delay_s,
         last_failure=last_failure,
+        gated=d["gated"],
+        last_gated=last_gated,
     )
     values: dict[str, Any] = {
         "input_rate_hz": f"{d['received'] / dt:.2f}",
@@ -320,6 +359,10 @@ def diagnostic_report(
         "last_reject_reason": last_failure,
         "last_scene": last_scene,
         "last_confidence": f"{last_conf:.4f}",
+        "gated_frames": counts["gated"],
+        "last_sigma_position_m": f"{last_sigma[0]:.4g}",
+        "last_sigma_orientation_deg": f"{math.degrees(last_sigma[1]):.4g}",
+        "last_gated_reason": last_gated,
     }
     _percentiles(values, "latency_ms", lat)
     _percentiles(values, "inference_ms", inf)

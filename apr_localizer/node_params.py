@@ -334,14 +334,14 @@ PARAMS: tuple[Param, ...] = (
     _P(
         "covariance.position",
         [0.25, 0.25, 0.25],
-        "Position variances [x, y, z] in m^2 (0..1e6).",
+        "Position variances [x, y, z] in m^2 (0..1e6) of uncalibrated models (calibrated: sigma^2).",
         _vector(3, 0.0, 1e6),
         dynamic=True,
     ),
     _P(
         "covariance.orientation",
         [0.0305, 0.0305, 0.0305],
-        "Orientation variances [roll, pitch, yaw] rad^2 (0..1e6).",
+        "Orientation variances [roll, pitch, yaw] rad^2 (0..1e6) of uncalibrated models (calibrated: sigma^2).",
         _vector(3, 0.0, 1e6),
         dynamic=True,
     ),
@@ -350,6 +350,20 @@ PARAMS: tuple[Param, ...] = (
         True,
         "Divide the covariance diagonal by the estimate's confidence.",
         _boolean,
+        dynamic=True,
+    ),
+    _P(
+        "gating.max_sigma_position_m",
+        1.0,
+        "Calibrated models: publish nothing when the position sigma (m) exceeds this (0 = off), 0..1e4.",
+        _number(0.001, 1e4, zero_ok=True),
+        dynamic=True,
+    ),
+    _P(
+        "gating.max_sigma_orientation_deg",
+        15.0,
+        "Calibrated models: publish nothing when the orientation sigma (deg) exceeds this (0 = off), 0..180.",
+        _number(0.001, 180.0, zero_ok=True),
         dynamic=True,
     ),
     _P(

@@ -1,6 +1,7 @@
 """Relocalization on demand (ROS-free): collect confident estimates while the robot stands still, fuse them.
 
-``~/relocalize`` opens a :class:`Collector`; the worker offers every confident estimate to it. A sample is rejected
+``~/relocalize`` opens a :class:`Collector`; the worker offers every confident estimate to it (with a calibrated
+model only the estimates that pass the sigma gate: gated estimates never reach it). A sample is rejected
 when odometry shows the robot moving at its stamp (:func:`odom_speed`: the odom → base displacement over
 ``window_s`` around the stamp). :func:`fuse` takes the samples of the most frequent scene: per-axis median position,
 :func:`geometry.quat_average` orientation, stamped with the newest sample (the robot stood still, so that is where
@@ -23,13 +24,17 @@ __all__ = ["Collector", "Fused", "MotionLimits", "Sample", "fuse", "odom_speed",
 
 @dataclasses.dataclass
 class Sample:
-    """One confident estimate: ``pose`` ``(7,)`` of the output frame in ``frame_id``, its scene, confidence, stamp."""
+    """One confident estimate: ``pose`` ``(7,)`` of the output frame in ``frame_id``, its scene, confidence, stamp.
+
+    ``sigma`` is the calibrated ``(position m, orientation rad)`` per-axis sigma, None for uncalibrated models.
+    """
 
     pose: np.ndarray
     scene_name: str
     confidence: float
     stamp_ns: int
     frame_id: str = "map"
+    sigma: tuple[float, float] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +103,11 @@ class Collector:
 
 @dataclasses.dataclass(frozen=True)
 class Fused:
-    """A fused pose ``(7,)`` of ``scene`` from ``n_used`` samples, their spread, and the newest sample's stamp."""
+    """A fused pose ``(7,)`` of ``scene`` from ``n_used`` samples, their spread, and the newest sample's stamp.
+
+    ``sigma``: the median calibrated sigmas ``(position m, orientation rad)`` of the used samples (None when any of
+    them is uncalibrated).
+    """
 
     pose: np.ndarray
     scene: str
@@ -108,6 +117,7 @@ class Fused:
     rotation_spread_deg: float
     stamp_ns: int
     mean_confidence: float
+    sigma: tuple[float, float] | None = None
 
 
 def fuse(samples: list[Sample]) -> Fused:
@@ -123,6 +133,11 @@ def fuse(samples: list[Sample]) -> Fused:
     fused = np.concatenate([np.median(poses[:, :3], axis=0), geometry.quat_average(poses[:, 3:7])])
     pos_err, rot_err = geometry.pose_errors(poses, fused[None, :])
     newest = max(used, key=lambda s: s.stamp_ns)
+    sigmas = [s.sigma for s in used if s.sigma is not None]
+    sigma = None
+    if len(sigmas) == len(used):
+        med = np.median(np.asarray(sigmas, dtype=np.float64), axis=0)
+        sigma = (float(med[0]), float(med[1]))
     return Fused(
         pose=fused,
         scene=scene,
@@ -132,6 +147,7 @@ def fuse(samples: list[Sample]) -> Fused:
         rotation_spread_deg=float(np.max(rot_err)),
         stamp_ns=newest.stamp_ns,
         mean_confidence=float(np.mean([s.confidence for s in used])),
+        sigma=sigma,
     )
 
 

@@ -361,11 +361,6 @@ def test_mixed_flood_keeps_memory_flat_and_accounts_for_every_frame(fuzzed: Fuzz
     assert growth < 100, f"peak RSS grew by {growth:.1f} MB during the flood"
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="node-side (H3): Localizer.localize runs outside the node's ImageDecodeError handler, so a decodable "
-    "frame too small for the network (preprocess ImageSizeError) counts as a processing error, not a rejection",
-)
 def test_frame_too_small_for_the_network_is_rejected(fuzzed: FuzzedNode) -> None:
     base = fuzzed.wait_diag(lambda d: True, "diagnostics")
     rgb = np.zeros((20, 20, 3), np.uint8)  # decodable (sides >= 2) but below ceil(crop / 8) = 28 pixels

@@ -19,6 +19,7 @@ from apr_localizer.node_logic import (
     Stats,
     diagnostic_level,
     diagnostic_report,
+    gate,
     intrinsics_mismatch,
     planar,
     stamp_problem,
@@ -101,6 +102,8 @@ def test_intrinsics_mismatch_scales_to_the_live_resolution():
         (DiagWindow(10, 3, 0, 3.0, 5.0, 0.1, 1.0), WARN, "below"),
         (DiagWindow(10, 10, 0, 10.0, 5.0, 2.5, 1.0), WARN, "delay"),
         (DiagWindow(10, 10, 0, 10.0, 5.0, 0.1, 1.0), OK, "localizing"),
+        (DiagWindow(10, 0, 2, 0.0, 0.0, math.nan, 1.0, "", 8, "sigma 3 m"), WARN, "gated as too uncertain: sigma 3 m"),
+        (DiagWindow(10, 0, 0, 0.0, 0.0, math.nan, 1.0, "", 4), WARN, "no estimate is published"),  # others filtered
     ],
 )
 def test_diagnostic_level(window, level, text):
@@ -128,3 +131,22 @@ def test_sequence_gaps_count_skipped_numbers_per_publisher():
     assert gaps.lost(b"b", 10) == 0 and gaps.lost(b"a", 5) == 0  # out of order: not a loss
     gaps.lost(b"c", 1)  # a third publisher resets the map
     assert gaps.lost(b"a", 100) == 0
+
+
+def test_gate_by_calibrated_sigma():
+    assert gate(None, None, 1.0, 15.0) is None  # uncalibrated: never gated
+    assert gate(0.5, math.radians(10.0), 1.0, 15.0) is None
+    assert "gating.max_sigma_position_m 1" in gate(1.5, math.radians(10.0), 1.0, 15.0)
+    assert "gating.max_sigma_orientation_deg 15" in gate(0.5, math.radians(20.0), 1.0, 15.0)
+    assert gate(float("nan"), 0.1, 1.0, 15.0) is not None  # NaN is never confident
+    assert gate(1e3, 3.0, 0.0, 0.0) is None  # 0 = that gate off
+
+
+def test_stats_count_gated_estimates_and_report_the_last_sigma():
+    stats = Stats()
+    stats.sigma(0.4, math.radians(5.0), None)
+    stats.sigma(2.5, math.radians(40.0), "sigma position 2.5 m above gating.max_sigma_position_m 1")
+    window, values, _ = diagnostic_report(stats, {}, 1.0, 0, 0.0, 1.0)
+    assert window.gated == 1 and values["gated_frames"] == 1
+    assert values["last_sigma_position_m"] == "2.5" and values["last_sigma_orientation_deg"] == "40"
+    assert "2.5 m" in values["last_gated_reason"]

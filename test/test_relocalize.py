@@ -53,3 +53,15 @@ def test_odom_speed_and_the_collector_reject_samples_taken_in_motion():
     assert col.offer(Sample(pose, "s", 1.0, S), None, MotionLimits(require_odom=True)) == "unknown"
     assert col.offer(Sample(pose, "s", 1.0, S), None, limits) == "accepted" and col.done.is_set()
     assert col.rejected_moving == 1 and col.rejected_unknown_motion == 1 and len(col.snapshot()) == 2
+
+
+def test_fused_sigma_is_the_median_of_calibrated_samples_and_widens_the_covariance():
+    poses = [np.r_[0.1 * i, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0] for i in range(3)]
+    calibrated = [Sample(p, "a", 1.0, i, sigma=(0.2 * (i + 1), 0.05 * (i + 1))) for i, p in enumerate(poses)]
+    fused = fuse(calibrated)
+    assert fused.sigma == pytest.approx((0.4, 0.1))
+    base = np.diag([0.4**2] * 3 + [0.1**2] * 3).reshape(36)
+    cov = widen_covariance(base, fused).reshape(6, 6)
+    assert cov[0, 0] == pytest.approx(0.4**2) and cov[5, 5] == pytest.approx(0.1**2)  # spread 0.1 m < sigma
+    mixed = [*calibrated, Sample(poses[0], "a", 1.0, 9)]
+    assert fuse(mixed).sigma is None  # an uncalibrated sample: the configured covariance applies

@@ -136,11 +136,11 @@ def ros_environment(announce: Callable[[str], None] | None = None) -> Iterator[d
     finally:
         if "ROS_LOG_DIR" in changes:
             shutil.rmtree(changes["ROS_LOG_DIR"], ignore_errors=True)
-        for key, value in before.items():
-            if value is None:
+        for key, old in before.items():
+            if old is None:
                 os.environ.pop(key, None)
             else:
-                os.environ[key] = value
+                os.environ[key] = old
 
 
 def _default_fastdds_profile() -> Path | None:
@@ -344,7 +344,7 @@ class RosHarness:
     # -- services
     def call(self, srv_type, name: str, request, timeout: float = WAIT_S):
         """Call a service (waiting for it first) and return the response."""
-        client = self.node.create_client(srv_type, name)
+        client: Any = self.node.create_client(srv_type, name)
         try:
             wait_until(lambda: client.service_is_ready(), timeout, f"service {name}")
             future = client.call_async(request)

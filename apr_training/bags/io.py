@@ -196,7 +196,7 @@ def bag_info(path: str | Path) -> dict:
     p = Path(path)
     reader = open_bag(p)
     try:
-        topics = {}
+        topics: dict[str, dict[str, Any]] = {}
         for c in sorted(reader.connections, key=lambda c: c.topic):
             entry = topics.setdefault(c.topic, {"type": c.msgtype, "hash": c.digest, "count": 0})
             entry["count"] += c.msgcount

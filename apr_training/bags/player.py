@@ -288,9 +288,11 @@ class BagPlayer:
 
         from apr_localizer.ros_convert import ns_to_time
 
+        pub = self._clock_pub
+        assert pub is not None
         while not done.is_set():
             now_ns = start_bag_ns + int((time.monotonic() - start_wall) * self.rate * 1e9)
-            self._clock_pub.publish(Clock(clock=ns_to_time(max(now_ns, 0))))
+            pub.publish(Clock(clock=ns_to_time(max(now_ns, 0))))
             done.wait(self.clock_period_s)
 
     def play(self, on_publish: Callable[[PlayedMessage], None] | None = None) -> PlayResult:

@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ __all__ = ["ARCHS", "BenchOptions", "build_random_bundle", "format_table", "inpu
 
 log = logging.getLogger("apr_bench")
 
-ARCHS = {
+ARCHS: dict[str, dict[str, Any]] = {
     # the published 7-Scenes model of the PAE/iAPR repo (6+6 / 6+6), iAPR sharing the APR encoder
     "published": {"t": (6, 6), "rot": (6, 6), "scenes": 7, "rpr_ffn": 2048},
     # the MS repo's 7-Scenes config (rot 4+4)
@@ -161,12 +162,12 @@ def bench_decode(runs: int, rounds: int, warmup: int) -> dict[str, Any]:
     variants: dict[str, Callable[[], Any]] = {}
     for enc in ("rgb8", "bgr8", "mono8", "yuv422"):
         data, step = encode_raw(rgb, enc)
-        variants[f"decode {enc}"] = lambda d=data, e=enc, s=step: decode_raw(d, e, 640, 480, s)
+        variants[f"decode {enc}"] = partial(decode_raw, data, enc, 640, 480, step)
     jpeg = encode_compressed(rgb, "jpeg", 90)
     variants["decode jpeg"] = lambda: decode_compressed(jpeg, "jpeg")
     for method in ("pil", "torch"):
         cfg = PreprocessConfig(method=method)
-        variants[f"preprocess {method}"] = lambda c=cfg: preprocess(rgb, c)
+        variants[f"preprocess {method}"] = partial(preprocess, rgb, cfg)
     return _interleaved(variants, runs, rounds, warmup, lambda: None)
 
 

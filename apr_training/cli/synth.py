@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -273,7 +274,7 @@ def run_bench(scenes: Sequence[str], sizes: Sequence[tuple[int, int]], frames: i
     from ..synthetic.scenes import make_scene
     from ..synthetic.writer import frame_lightings, make_sequence_trajectory
 
-    results = []
+    results: list[dict[str, Any]] = []
     for w, h in sizes:
         k = Intrinsics.from_hfov(w, h, 60.0)
         for name in scenes:

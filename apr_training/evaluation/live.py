@@ -217,10 +217,15 @@ def run_live(
         )
         diag_before = monitor.wait_diag(0, 5.0)
         proc = process
-        result = player.play(on_publish=lambda _: proc.alive() or player.stop())
+
+        def stop_when_the_node_died(_: Any) -> None:
+            if not proc.alive():
+                player.stop()
+
+        result = player.play(on_publish=stop_when_the_node_died)
         process.check_alive("the bag was replayed")
         images = result.on(opts.image_topic)
-        sent = {m.sent_stamp_ns for m in images}
+        sent = {m.sent_stamp_ns for m in images if m.sent_stamp_ns is not None}
         _drain(monitor, process, sent, opts)
         diag = monitor.wait_diag(time.time_ns(), 3.0)
         received: dict[int, tuple[int, np.ndarray]] = {}
@@ -259,7 +264,7 @@ def evaluate_live(
     live: LiveRun, gt: GroundTruth, scene: str | None, label: str, info: dict[str, Any]
 ) -> tuple[metrics.EvalReport, dict[str, Any], dict[str, np.ndarray]]:
     """Accuracy over the frames that got a pose, end-to-end latency, counts; returns (report, live summary, arrays)."""
-    rows = []
+    rows: list[tuple[Any, ...]] = []
     without_gt = 0
     for i, m in enumerate(live.played):
         gt_pose, dt_ms = gt.lookup(m.stamp_ns)

@@ -217,7 +217,7 @@ def per_scene_metrics(
     gt_poses,
     scenes: Sequence[str],
     pred_scenes: Sequence[str] | None = None,
-    latency_ms: Mapping[str, Sequence[float]] | None = None,
+    latency_ms: Mapping[str, Sequence[float] | np.ndarray] | None = None,
     *,
     name: str = "estimate",
     thresholds: Sequence[tuple[float, float]] = DEFAULT_THRESHOLDS,

@@ -38,7 +38,7 @@ def _finite(v) -> np.ndarray:
 
 
 def plot_error_cdf(
-    errors: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    errors: Mapping[str, tuple[Sequence[float] | np.ndarray, Sequence[float] | np.ndarray]],
     path: str | Path,
     title: str = "",
     thresholds: Sequence[tuple[float, float]] = (),
@@ -130,7 +130,7 @@ def plot_trajectory(
         ok = np.all(np.isfinite(e), axis=1)
         if i == 0 and ok.any():  # error segments for the first (reference) method only, to keep it readable
             segments = np.stack([gt[ok][:, [a, b]], e[ok][:, [a, b]]], axis=1)  # (M, 2 points, 2 coordinates)
-            ax.add_collection(LineCollection(segments, colors="0.75", linewidths=0.5, zorder=1))
+            ax.add_collection(LineCollection(list(segments), colors="0.75", linewidths=0.5, zorder=1))
         size = 3.0 if len(e) <= 1000 else 1.5
         ax.plot(e[ok, a], e[ok, b], markers[i % len(markers)], markersize=size, alpha=0.8, label=name, zorder=2)
     ax.set_xlabel(f"{_AXIS[a]} (m)")
@@ -143,7 +143,7 @@ def plot_trajectory(
 
 
 def plot_errors_over_frames(
-    errors: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    errors: Mapping[str, tuple[Sequence[float] | np.ndarray, Sequence[float] | np.ndarray]],
     path: str | Path,
     title: str = "",
     frame_index: Sequence[float] | None = None,

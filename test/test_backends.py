@@ -58,8 +58,12 @@ def _ort_options(cache_dir, **kw) -> BackendOptions:
 
 
 def _compare_localizers(bundle, frames, cache_dir, iterations=3):
-    ort = Localizer(bundle, LocalizerOptions(backend="onnxruntime", device="cpu", cache_dir=str(cache_dir), threads=2,
-                                             iapr_iterations=iterations))
+    ort = Localizer(
+        bundle,
+        LocalizerOptions(
+            backend="onnxruntime", device="cpu", cache_dir=str(cache_dir), threads=2, iapr_iterations=iterations
+        ),
+    )
     ref = Localizer(bundle, LocalizerOptions(backend="torch", device="cpu", threads=2, iapr_iterations=iterations))
     assert ort.backend_name == "onnxruntime" and ref.backend_name == "torch"
     for rgb in frames:
@@ -151,8 +155,10 @@ def test_bad_onnxruntime_options(shared_bundle, cache_dir, kw, match):
 
 def test_bad_options_through_the_localizer(shared_bundle, cache_dir):
     with pytest.raises(ModelLoadError, match="fp16 on the CPU"):
-        Localizer(shared_bundle, LocalizerOptions(backend="onnxruntime", device="cpu", precision="fp16",
-                                                  cache_dir=str(cache_dir)))
+        Localizer(
+            shared_bundle,
+            LocalizerOptions(backend="onnxruntime", device="cpu", precision="fp16", cache_dir=str(cache_dir)),
+        )
     with pytest.raises(ModelLoadError, match="backend 'onnx'"):
         Localizer(shared_bundle, LocalizerOptions(backend="onnx", cache_dir=str(cache_dir)))
     if not torch.cuda.is_available():

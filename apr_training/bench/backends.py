@@ -325,6 +325,31 @@ def run_benchmark(args: BenchOptions) -> dict[str, Any]:
     }
     report["decode_preprocess"] = bench_decode(args.runs, args.rounds, args.warmup)
     cache_dir = Path(args.cache_dir) if args.cache_dir else None
+    _bench_variants(report, bundle, args, threads, cache_dir)
+    ratios = _cross_backend_ratios(report["results"])
+    if ratios:
+        report["ratios"] = ratios
+    if args.end_to_end:
+        report["end_to_end"] = []
+        for backend in _available_backends(args.backends):
+            try:
+                report["end_to_end"].append(
+                    bench_end_to_end(bundle, backend, args.device, args.iterations, args.runs, threads, cache_dir)
+                )
+            except Exception as e:  # a backend that failed above fails here too; keep the report
+                report["skipped"].append({"backend": backend, "stage": "end_to_end", "reason": str(e)[:200]})
+    if args.flops:
+        report["efficiency"] = _efficiency(bundle, threads, report["results"])
+    if args.profile:
+        report["profile_torch_apr"] = profile_torch_apr(bundle)
+    report["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return report
+
+
+def _bench_variants(
+    report: dict[str, Any], bundle: ModelBundle, args: BenchOptions, threads: int, cache_dir: Path | None
+) -> None:
+    """Every backend x precision x batch into ``report["results"]`` (or ``report["skipped"]`` with the reason)."""
     for backend in _available_backends(args.backends):
         for precision in args.precisions:
             for batch in args.batch_sizes:
@@ -352,31 +377,19 @@ def run_benchmark(args: BenchOptions) -> dict[str, Any]:
                     continue
                 report["results"].append(res)
                 _print_progress(res)
-    ratios = _cross_backend_ratios(report["results"])
-    if ratios:
-        report["ratios"] = ratios
-    if args.end_to_end:
-        report["end_to_end"] = []
-        for backend in _available_backends(args.backends):
-            try:
-                report["end_to_end"].append(
-                    bench_end_to_end(bundle, backend, args.device, args.iterations, args.runs, threads, cache_dir)
-                )
-            except Exception as e:  # a backend that failed above fails here too; keep the report
-                report["skipped"].append({"backend": backend, "stage": "end_to_end", "reason": str(e)[:200]})
-    if args.flops:
-        flops = count_apr_flops(bundle)
-        peak = cpu_peak_gflops(threads)
-        report["efficiency"] = {"apr_gflop": flops / 1e9, **peak}
-        for res in report["results"]:
-            if res["device"] == "cpu" and res["batch"] == 1 and res["precision"] == "fp32":
-                achieved = flops / (res["stages"]["apr graph"]["median"] * 1e-3) / 1e9
-                report["efficiency"][f"{res['backend']}_achieved_gflops"] = achieved
-                report["efficiency"][f"{res['backend']}_fraction_of_gemm_peak"] = achieved / peak["gemm_gflops"]
-    if args.profile:
-        report["profile_torch_apr"] = profile_torch_apr(bundle)
-    report["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return report
+
+
+def _efficiency(bundle: ModelBundle, threads: int, results: list[dict[str, Any]]) -> dict[str, Any]:
+    """APR FLOPs, the GEMM peak and each CPU backend's achieved GFLOP/s (batch 1, fp32)."""
+    flops = count_apr_flops(bundle)
+    peak = cpu_peak_gflops(threads)
+    out: dict[str, Any] = {"apr_gflop": flops / 1e9, **peak}
+    for res in results:
+        if res["device"] == "cpu" and res["batch"] == 1 and res["precision"] == "fp32":
+            achieved = flops / (res["stages"]["apr graph"]["median"] * 1e-3) / 1e9
+            out[f"{res['backend']}_achieved_gflops"] = achieved
+            out[f"{res['backend']}_fraction_of_gemm_peak"] = achieved / peak["gemm_gflops"]
+    return out
 
 
 def _cross_backend_ratios(results: list[dict[str, Any]]) -> dict[str, float]:

@@ -74,25 +74,8 @@ def extract_dataset(
     bag = Path(bag)
     out = Path(out_dir)
     src = parse_spec(gt_source)
-    if stride < 1:
-        raise ValueError(f"stride must be >= 1, got {stride}")
-    if tolerance_s < 0:
-        raise ValueError(f"tolerance_s must be >= 0, got {tolerance_s}")
-    if split_time is None and test_fraction is not None and not 0.0 <= test_fraction < 1.0:
-        raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+", scene_name):
-        raise ValueError(f"scene_name {scene_name!r} must be a plain name (letters, digits, '_', '-', '.')")
-    types = bagio.topic_types(bag)
-    if image_topic not in types:
-        hint = ""
-        if f"{image_topic}/compressed" in types:
-            hint = f" (did you mean {image_topic}/compressed?)"
-        raise ExtractError(f"bag {bag} has no topic {image_topic}{hint}; topics are: {', '.join(sorted(types))}")
-    if types[image_topic] not in bagio.IMAGE_MSGTYPES:
-        raise ExtractError(
-            f"image topic {image_topic} in bag {bag} has type {types[image_topic]}; expected "
-            f"{' or '.join(bagio.IMAGE_MSGTYPES)}"
-        )
+    _check_options(stride, tolerance_s, test_fraction, split_time, scene_name)
+    types = _image_topic_types(bag, image_topic)
     train_csv, test_csv = out / f"{scene_name}_train.csv", out / f"{scene_name}_test.csv"
     if not overwrite and (train_csv.exists() or test_csv.exists()):
         raise FileExistsError(
@@ -119,29 +102,11 @@ def extract_dataset(
             f"no image on {image_topic} in bag {bag} has ground truth from {gt_desc} within {tolerance_s} s "
             f"(image stamps {img_stamps.min() / 1e9:.3f}..{img_stamps.max() / 1e9:.3f} s, ground truth {gt_range})"
         )
-    selected = matched[::stride]
-    t_sel = img_stamps[selected]
-    order = np.argsort(t_sel, kind="stable")
-    selected, t_sel = selected[order], t_sel[order]
-    if split_time is not None:
-        is_test = (t_sel - t_sel[0]) >= int(round(split_time * 1e9))
-    else:
-        n_test = int(round(len(selected) * (test_fraction or 0.0)))
-        is_test = np.zeros(len(selected), bool)
-        if n_test:
-            is_test[len(selected) - n_test :] = True
-
+    plan = _split_plan(matched[::stride], img_stamps, split_time, test_fraction)
     prefix = _sanitize(seq_prefix if seq_prefix is not None else bag.stem if bag.is_file() else bag.name)
     seq_of = {"train": f"{prefix}-train", "test": f"{prefix}-test"}
     for split in ("train", "test"):
         (out / scene_name / seq_of[split]).mkdir(parents=True, exist_ok=True)
-    # message index -> (split, frame number)
-    plan: dict[int, tuple[str, int]] = {}
-    counters = {"train": 0, "test": 0}
-    for idx, test in zip(selected.tolist(), is_test.tolist()):
-        split = "test" if test else "train"
-        plan[idx] = (split, counters[split])
-        counters[split] += 1
 
     rows: dict[str, list[LabelRow]] = {"train": [], "test": []}
     frames_rows: list[list[str]] = []
@@ -194,6 +159,58 @@ def extract_dataset(
     }
     atomic_write_text(out / f"{scene_name}_extract.json", json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _check_options(
+    stride: int, tolerance_s: float, test_fraction: float | None, split_time: float | None, scene_name: str
+) -> None:
+    if stride < 1:
+        raise ValueError(f"stride must be >= 1, got {stride}")
+    if tolerance_s < 0:
+        raise ValueError(f"tolerance_s must be >= 0, got {tolerance_s}")
+    if split_time is None and test_fraction is not None and not 0.0 <= test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", scene_name):
+        raise ValueError(f"scene_name {scene_name!r} must be a plain name (letters, digits, '_', '-', '.')")
+
+
+def _image_topic_types(bag: Path, image_topic: str) -> dict[str, str]:
+    """Return the bag's ``{topic: msgtype}`` after checking that ``image_topic`` is an image topic."""
+    types = bagio.topic_types(bag)
+    if image_topic not in types:
+        hint = ""
+        if f"{image_topic}/compressed" in types:
+            hint = f" (did you mean {image_topic}/compressed?)"
+        raise ExtractError(f"bag {bag} has no topic {image_topic}{hint}; topics are: {', '.join(sorted(types))}")
+    if types[image_topic] not in bagio.IMAGE_MSGTYPES:
+        raise ExtractError(
+            f"image topic {image_topic} in bag {bag} has type {types[image_topic]}; expected "
+            f"{' or '.join(bagio.IMAGE_MSGTYPES)}"
+        )
+    return types
+
+
+def _split_plan(
+    selected: np.ndarray, img_stamps: np.ndarray, split_time: float | None, test_fraction: float | None
+) -> dict[int, tuple[str, int]]:
+    """Message index → (split, frame number): the first part of the selected images (by time) is train."""
+    t_sel = img_stamps[selected]
+    order = np.argsort(t_sel, kind="stable")
+    selected, t_sel = selected[order], t_sel[order]
+    if split_time is not None:
+        is_test = (t_sel - t_sel[0]) >= int(round(split_time * 1e9))
+    else:
+        n_test = int(round(len(selected) * (test_fraction or 0.0)))
+        is_test = np.zeros(len(selected), bool)
+        if n_test:
+            is_test[len(selected) - n_test :] = True
+    plan: dict[int, tuple[str, int]] = {}
+    counters = {"train": 0, "test": 0}
+    for idx, test in zip(selected.tolist(), is_test.tolist()):
+        split = "test" if test else "train"
+        plan[idx] = (split, counters[split])
+        counters[split] += 1
+    return plan
 
 
 def _camera_info(bag: Path, types: dict[str, str], image_topic: str, topic: str | None) -> dict | None:

@@ -5,10 +5,11 @@
 
 Starts the lifecycle node with ``use_sim_time:=true`` (it configures and activates itself, parameter ``autostart``)
 and, once it reports the ``active`` state, ``ros2 bag play --clock BAG --rate RATE`` so that no frame is played
-before the model is loaded. The node publishes ``~/pose``, ``~/pose_with_covariance`` and ``/tf`` stamped with the
-recorded image stamps; record them with ``ros2 bag record`` or compare against the bag's ground truth with
-``evo``. Environments without rosbag2 (the PyPI wheels) use ``apr-eval-bag live`` instead, which plays the bag itself
-and computes accuracy and latency.
+before the model is loaded. The node publishes ``~/pose`` and ``~/pose_with_covariance`` (calibrated σ² with a
+calibrated model; gated frames publish nothing) stamped with the recorded image stamps, by default the camera's pose
+(``output_pose camera``: no base ← camera extrinsic needed) and no TF (``publish_tf`` is off by default); record
+them with ``ros2 bag record`` or compare against the bag's ground truth with ``evo``. Environments without rosbag2
+(the PyPI wheels) use ``apr-eval-bag live`` instead, which plays the bag itself and computes accuracy and latency.
 
 Arguments: ``bag`` (required), ``model`` (overrides ``model.path``), ``params_file`` (default: the installed
 config/localizer.yaml), ``rate`` (playback speed factor), ``image_topic`` (overrides the file's value when not empty),

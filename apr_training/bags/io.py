@@ -517,6 +517,67 @@ class PosedImage:
     pose: np.ndarray | None = None
 
 
+@dataclass(frozen=True)
+class _ImageTopics:
+    """The per-image messages :func:`write_bag` writes (a topic of None is not written)."""
+
+    raw_topic: str | None
+    compressed_topic: str | None
+    camera_info_topic: str | None
+    camera_frame: str
+    encoding: str
+    jpeg_quality: int
+    intrinsics: Any
+
+    def messages(self, rgb: np.ndarray, t_ns: int) -> Iterator[tuple[str, Any]]:
+        """``(topic, message)`` of one image: raw, then compressed, then camera info."""
+        if self.raw_topic:
+            yield self.raw_topic, make_image(rgb, t_ns, self.camera_frame, self.encoding)
+        if self.compressed_topic:
+            yield self.compressed_topic, make_compressed_image(rgb, t_ns, self.camera_frame, "jpeg", self.jpeg_quality)
+        if self.camera_info_topic:
+            h, w = rgb.shape[:2]
+            k = self.intrinsics
+            yield self.camera_info_topic, make_camera_info(t_ns, self.camera_frame, w, h, k.fx, k.fy, k.cx, k.cy)
+
+
+@dataclass(frozen=True)
+class _TfTopics:
+    """The TF messages :func:`write_bag` writes for ``mode`` camera (``map -> camera``) or chain."""
+
+    mode: str
+    map_frame: str
+    camera_frame: str
+    odom_frame: str
+    base_frame: str
+    base_to_camera: np.ndarray
+    map_to_odom: np.ndarray
+
+    def static(self, t_ns: int):
+        """``/tf_static`` of the chain: ``map -> odom`` and ``base_link -> camera``."""
+        return make_tf_message(
+            [
+                make_transform(self.map_to_odom, t_ns, self.map_frame, self.odom_frame),
+                make_transform(self.base_to_camera, t_ns, self.base_frame, self.camera_frame),
+            ]
+        )
+
+    def dynamic(self, t_ns: int, pose: np.ndarray):
+        """``/tf`` at ``t_ns`` for the camera pose ``pose`` (``odom -> base_link`` for the chain)."""
+        if self.mode == "camera":
+            return make_tf_message([make_transform(pose, t_ns, self.map_frame, self.camera_frame)])
+        # odom <- base = (map <- odom)^-1 (map <- camera) (base <- camera)^-1
+        odom_base = pose_compose(pose_compose(pose_inverse(self.map_to_odom), pose), pose_inverse(self.base_to_camera))
+        return make_tf_message([make_transform(odom_base, t_ns, self.odom_frame, self.base_frame)])
+
+
+def _check_write_options(tf: str | None, raw: bool, compressed: bool) -> None:
+    if tf not in (None, "camera", "chain"):
+        raise ValueError(f"tf must be None, 'camera' or 'chain', got {tf!r}")
+    if not raw and not compressed:
+        raise ValueError("write_bag needs raw=True or compressed=True: no image topic would be written")
+
+
 def write_bag(
     out_path: str | Path,
     frames: Iterable[PosedImage],
@@ -556,23 +617,26 @@ def write_bag(
     TF is stamped with the image stamps unless ``tf_poses`` gives its own ``(t_ns, camera pose)`` samples (e.g. at a
     different rate). All header stamps equal the bag time of the message.
     """
-    if tf not in (None, "camera", "chain"):
-        raise ValueError(f"tf must be None, 'camera' or 'chain', got {tf!r}")
-    if not raw and not compressed:
-        raise ValueError("write_bag needs raw=True or compressed=True: no image topic would be written")
-    if camera_info_topic and intrinsics is None:
+    _check_write_options(tf, raw, compressed)
+    if intrinsics is None:
         camera_info_topic = None
     compressed_topic = compressed_topic or f"{image_topic}/compressed"
     base_to_camera = np.asarray(base_to_camera, dtype=np.float64)
     map_to_odom = np.asarray(map_to_odom, dtype=np.float64)
     tf_list = None if tf_poses is None else [(int(t), np.asarray(p, dtype=np.float64)) for t, p in tf_poses]
 
-    def tf_msg(t_ns: int, pose: np.ndarray):
-        if tf == "camera":
-            return make_tf_message([make_transform(pose, t_ns, map_frame, camera_frame)])
-        # odom <- base = (map <- odom)^-1 (map <- camera) (base <- camera)^-1
-        odom_base = pose_compose(pose_compose(pose_inverse(map_to_odom), pose), pose_inverse(base_to_camera))
-        return make_tf_message([make_transform(odom_base, t_ns, odom_frame, base_frame)])
+    images = _ImageTopics(
+        image_topic if raw else None,
+        compressed_topic if compressed else None,
+        camera_info_topic,
+        camera_frame,
+        encoding,
+        jpeg_quality,
+        intrinsics,
+    )
+
+    tf_out = _TfTopics(tf or "", map_frame, camera_frame, odom_frame, base_frame, base_to_camera, map_to_odom)
+    tf_msg = tf_out.dynamic
 
     with BagWriter(out_path, storage, overwrite=overwrite) as bw:
         first = True
@@ -580,29 +644,14 @@ def write_bag(
         for fr in frames:
             t = int(fr.stamp_ns)
             if first and tf == "chain":
-                bw.write(
-                    "/tf_static",
-                    make_tf_message(
-                        [
-                            make_transform(map_to_odom, t, map_frame, odom_frame),
-                            make_transform(base_to_camera, t, base_frame, camera_frame),
-                        ]
-                    ),
-                    t,
-                )
+                bw.write("/tf_static", tf_out.static(t), t)
             first = False
             if tf_list is not None and tf is not None:  # TF samples up to this image, in time order
                 while tf_i < len(tf_list) and tf_list[tf_i][0] <= t:
                     bw.write("/tf", tf_msg(*tf_list[tf_i]), tf_list[tf_i][0])
                     tf_i += 1
-            if raw:
-                bw.write(image_topic, make_image(fr.rgb, t, camera_frame, encoding), t)
-            if compressed:
-                bw.write(compressed_topic, make_compressed_image(fr.rgb, t, camera_frame, "jpeg", jpeg_quality), t)
-            if camera_info_topic:
-                h, w = fr.rgb.shape[:2]
-                k = intrinsics
-                bw.write(camera_info_topic, make_camera_info(t, camera_frame, w, h, k.fx, k.fy, k.cx, k.cy), t)
+            for topic, msg in images.messages(fr.rgb, t):
+                bw.write(topic, msg, t)
             if fr.pose is not None:
                 if pose_topic:
                     bw.write(pose_topic, make_pose_stamped(fr.pose, t, map_frame), t)

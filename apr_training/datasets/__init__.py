@@ -2,7 +2,8 @@
 
 The CSV modules (:mod:`.labels`, :mod:`.pairs`) need only numpy and are imported eagerly; the torch-based names
 (:mod:`.transforms`, :mod:`.torch_datasets`) are imported on first use, so ``import apr_training.datasets`` (and
-its ``synthetic``/``bagio`` subpackages) stays light.
+:mod:`.from_bag`) stays light. Bag access lives in :mod:`apr_training.bags`, the renderer in
+:mod:`apr_training.synthetic`.
 """
 
 from __future__ import annotations

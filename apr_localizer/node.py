@@ -57,14 +57,14 @@ from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_srvs.srv import Trigger
 
 from apr_localizer import geometry, node_logic, ros_convert
-from apr_localizer.imaging import ImageDecodeError
+from apr_localizer.imaging import ImageDecodeError, quote
 from apr_localizer.mailbox import LatestMailbox, SequenceGaps
 from apr_localizer.node_params import (
+    MAX_ECHO_CHARS,
     PARAMS,
     NodeConfig,
     config_from_values,
     cross_check,
-    truncate,
     validate,
 )
 from apr_localizer.relocalize import Collector, MotionLimits, Sample, odom_speed, outcome, widen_covariance
@@ -209,7 +209,7 @@ class LocalizerNode(LifecycleNode):
         try:
             localizer = self._load_localizer(cfg)
         except Exception as exc:  # ModelLoadError and anything a broken model file can raise
-            return self._configure_failed(f"cannot load model {truncate(cfg.model_path)!r}: {truncate(str(exc))}")
+            return self._configure_failed(f"cannot load model {quote(cfg.model_path, 256)}: {quote(str(exc), 256)}")
         if localizer is None:
             return self._configure_failed("aborted by a signal")
         with self._cfg_lock:
@@ -222,7 +222,7 @@ class LocalizerNode(LifecycleNode):
             self._create_publishers(cfg)
         except Exception as exc:
             self._release_configured()
-            return self._configure_failed(f"cannot create the publishers: {exc}")
+            return self._configure_failed(f"cannot create the publishers: {quote(str(exc), 256)}")
         self._stats = node_logic.Stats()
         self._diag_last = (time.monotonic(), dict(self._stats.c))
         self._mailbox = LatestMailbox()
@@ -317,7 +317,7 @@ class LocalizerNode(LifecycleNode):
                 self._tf_timer = self.create_timer(1.0 / cfg.tf_rate_hz, self._republish_map_odom)
         except Exception as exc:  # rclpy refuses a name the validation let through: fail the transition
             self._release_active()
-            self.get_logger().error(f"activate failed: {truncate(str(exc))}")
+            self.get_logger().error(f"activate failed: {quote(str(exc), 256)}")
             return TransitionCallbackReturn.FAILURE
         self._active.set()
         self.get_logger().info(
@@ -461,15 +461,15 @@ class LocalizerNode(LifecycleNode):
                 data, msg_type, received, received_ns = item
                 self._process(data, msg_type, received, received_ns, cfg)
             except Exception as exc:  # never let one frame kill the worker
-                self._stats.fail("processing_errors", f"{type(exc).__name__}: {exc}")
+                self._stats.fail("processing_errors", f"{type(exc).__name__}: {quote(str(exc), 256)}")
                 self.get_logger().error(
-                    f"frame processing failed: {type(exc).__name__}: {truncate(str(exc))}",
+                    f"frame processing failed: {type(exc).__name__}: {quote(str(exc), 256)}",
                     throttle_duration_sec=_LOG_THROTTLE_S,
                 )
 
     def _reject(self, reason: str, counter: str = "rejected") -> None:
         self._stats.fail(counter, reason)
-        self.get_logger().warning(f"dropped an input image: {truncate(reason)}", throttle_duration_sec=_LOG_THROTTLE_S)
+        self.get_logger().warning(f"dropped an input image: {reason}", throttle_duration_sec=_LOG_THROTTLE_S)
 
     def _check_frame(self, msg: Any, received_ns: int, cfg: NodeConfig) -> node_logic.HeaderCheck | None:
         """Header and camera_info checks (:func:`node_logic.check_header`); None when rejected (and counted)."""
@@ -495,7 +495,7 @@ class LocalizerNode(LifecycleNode):
         try:
             msg: Any = deserialize_message(data, msg_type)
         except Exception as exc:  # a CDR buffer that does not hold a msg_type
-            self._reject(f"cannot deserialize a {msg_type.__name__} message: {exc}")
+            self._reject(f"cannot deserialize a {msg_type.__name__} message: {quote(str(exc), 256)}")
             return
         del data
         check = self._check_frame(msg, received_ns, cfg)
@@ -507,7 +507,7 @@ class LocalizerNode(LifecycleNode):
             self._reject(str(exc))
             return
         except Exception as exc:  # anything else a malformed message can trigger
-            self._reject(f"{type(exc).__name__}: {exc}")
+            self._reject(f"{type(exc).__name__}: {quote(str(exc), 256)}")
             return
         try:
             est = self._localizer.localize(rgb)
@@ -580,9 +580,9 @@ class LocalizerNode(LifecycleNode):
         try:
             return self._tf.lookup_one(cfg.base_frame, camera_frame, stamp_ns, cfg.tf_lookup_tolerance_s)
         except LookupError as exc:
-            self._stats.fail("tf_failures", f"no TF {cfg.base_frame} <- {camera_frame}: {exc}")
+            self._stats.fail("tf_failures", f"no TF {cfg.base_frame} <- {camera_frame}: {quote(str(exc), 256)}")
             self.get_logger().warning(
-                f"no base <- camera extrinsic: {truncate(str(exc))}; publish it on /tf_static, or set "
+                f"no base <- camera extrinsic: {quote(str(exc), 256)}; publish it on /tf_static, or set "
                 "extrinsic_source parameters, or output_pose camera",
                 throttle_duration_sec=_LOG_THROTTLE_S,
             )
@@ -627,7 +627,7 @@ class LocalizerNode(LifecycleNode):
             except LookupError as exc:
                 self._stats.fail("tf_failures", f"no TF {cfg.odom_frame} <- {cfg.base_frame} at the image stamp")
                 self.get_logger().warning(
-                    f"map -> odom not updated: {truncate(str(exc))}", throttle_duration_sec=_LOG_THROTTLE_S
+                    f"map -> odom not updated: {quote(str(exc), 256)}", throttle_duration_sec=_LOG_THROTTLE_S
                 )
                 return
             opts = node_logic.filter_options(cfg)
@@ -679,9 +679,9 @@ class LocalizerNode(LifecycleNode):
     def _resolved(self, topic: str) -> str:
         """Return the fully qualified topic name, or the name as given when rclpy cannot expand it."""
         try:
-            return truncate(self.resolve_topic_name(topic), 256)
+            return self.resolve_topic_name(topic)[:MAX_ECHO_CHARS]
         except Exception:
-            return truncate(topic, 256)
+            return topic[:MAX_ECHO_CHARS]  # validated: a topic name of at most 255 characters
 
     def _publish_diagnostics(self) -> None:
         """Publish the status: ERROR when configure failed or a parameter is invalid; WARN/ERROR when frames fail."""
@@ -713,11 +713,11 @@ class LocalizerNode(LifecycleNode):
         }
         status = DiagnosticStatus(
             name=f"{self.get_name()}: localizer",
-            hardware_id=truncate(f"apr_localizer:{self.get_fully_qualified_name()}", 256),
+            hardware_id=f"apr_localizer:{self.get_fully_qualified_name()}"[:MAX_ECHO_CHARS],
             level=bytes([level]),
-            message=truncate(message, 512),
+            message=message[: 2 * MAX_ECHO_CHARS],
         )
-        status.values = [KeyValue(key=k, value=truncate(str(v))) for k, v in {**head, **values}.items()]
+        status.values = [KeyValue(key=k, value=str(v)[: 2 * MAX_ECHO_CHARS]) for k, v in {**head, **values}.items()]
         msg = DiagnosticArray(status=[status])
         msg.header.stamp = self.get_clock().now().to_msg()
         self._diag_pub.publish(msg)
@@ -747,7 +747,7 @@ def main(args: list[str] | None = None) -> int:
         try:
             node = LocalizerNode()
         except ParameterException as exc:
-            rclpy.logging.get_logger("apr_localizer").fatal(f"invalid parameter: {exc}")
+            rclpy.logging.get_logger("apr_localizer").fatal(f"invalid parameter: {quote(str(exc), 256)}")
             return 2
         executor.add_node(node)
         if node.get_parameter("autostart").value and not stop.is_set():

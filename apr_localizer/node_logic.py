@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 
 from apr_localizer import geometry
-from apr_localizer.node_params import NodeConfig, frame_id_problem, truncate
+from apr_localizer.imaging import quote
+from apr_localizer.node_params import MAX_ECHO_CHARS, NodeConfig, frame_id_problem
 from apr_localizer.tf_buffer import TfBuffer, transform_msg_pose
 
 __all__ = [
@@ -88,7 +89,7 @@ def check_header(sec: int, nanosec: int, frame_id: str, received_ns: int, now_ns
     frame = cfg.camera_frame or frame_id
     frame_problem = frame_id_problem(frame)
     if frame_problem is not None:
-        return HeaderCheck(problem=f"header.frame_id {truncate(repr(frame), 64)} {frame_problem} (or set camera_frame)")
+        return HeaderCheck(problem=f"header.frame_id {quote(frame, 64)} {frame_problem} (or set camera_frame)")
     return HeaderCheck(stamp_ns, replaced, frame)
 
 
@@ -295,10 +296,10 @@ class Stats:
                 self.c[k] += v
 
     def fail(self, counter: str, reason: str) -> None:
-        """Count a failure and remember its (truncated) reason."""
+        """Count a failure and remember its reason (a sentence whose foreign values went through ``quote``)."""
         with self.lock:
             self.c[counter] += 1
-            self.last_failure = truncate(reason)
+            self.last_failure = str(reason)[:MAX_ECHO_CHARS]
 
     def sigma(self, position_m: float, orientation_rad: float, gated: str | None) -> None:
         """Remember a calibrated estimate's sigmas; count it as gated (with the reason) when ``gated``."""
@@ -312,7 +313,7 @@ class Stats:
         """Count a published estimate with its receive → publish latency and capture → publish delay."""
         with self.lock:
             self.c["published"] += 1
-            self.last_scene = truncate(scene, 64)
+            self.last_scene = str(scene)[:128]  # scene names: at most 128 characters
             self.last_confidence = float(confidence)
             self.latency_ms.append(latency_ms)
             self.delay_s.append(delay_s)

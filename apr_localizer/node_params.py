@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from apr_localizer import geometry
+from apr_localizer.imaging import quote
 
 __all__ = [
     "BACKENDS",
@@ -35,7 +36,6 @@ __all__ = [
     "parse_scene_frames",
     "parse_scene_list",
     "topic_name_problem",
-    "truncate",
     "validate",
 ]
 
@@ -49,17 +49,9 @@ EXTRINSIC_SOURCES = ("tf", "parameters")
 STAMP_POLICIES = ("reject", "receive_time")
 CAMERA_INFO_CHECKS = ("warn", "refuse", "off")
 MAX_NAME_LEN = 255
-MAX_ECHO_CHARS = 256  # longest user-controlled string echoed into logs/diagnostics
+MAX_ECHO_CHARS = 256  # longest diagnostics value; user-controlled values are echoed through imaging.quote
 
 _Check = Callable[[str, Any], "str | None"]
-
-
-def truncate(text: str, limit: int = MAX_ECHO_CHARS) -> str:
-    """``text`` cut to ``limit`` characters (with a count of what was cut), safe to echo into logs/diagnostics."""
-    text = str(text)
-    if len(text) <= limit:
-        return text
-    return f"{text[:limit]}... ({len(text) - limit} more characters)"
 
 
 # --------------------------------------------------------------------------------------------- name rules
@@ -84,7 +76,7 @@ def topic_name_problem(name: Any) -> str | None:
         if not tok:
             return "must not contain '//'"
         if not _TOPIC_TOKEN.fullmatch(tok):
-            return f"has an invalid token {truncate(tok, 64)!r} (letters, digits and '_', not starting with a digit)"
+            return f"has an invalid token {quote(tok, 64)} (letters, digits and '_', not starting with a digit)"
     return None
 
 
@@ -105,7 +97,7 @@ def frame_id_problem(frame: Any) -> str | None:
 def _choice(options: tuple[str, ...]) -> _Check:
     def check(name: str, value: Any) -> str | None:
         if value not in options:
-            return f"parameter {name} must be one of {', '.join(options)}, got {truncate(repr(value), 64)}"
+            return f"parameter {name} must be one of {', '.join(options)}, got {quote(value, 64)}"
         return None
 
     return check
@@ -116,7 +108,7 @@ def _topic(optional: bool = False) -> _Check:
         if optional and value == "":
             return None
         problem = topic_name_problem(value)
-        return None if problem is None else f"parameter {name} {problem}, got {truncate(repr(value), 64)}"
+        return None if problem is None else f"parameter {name} {problem}, got {quote(value, 64)}"
 
     return check
 
@@ -126,7 +118,7 @@ def _frame(optional: bool = False) -> _Check:
         if optional and value == "":
             return None
         problem = frame_id_problem(value)
-        return None if problem is None else f"parameter {name} {problem}, got {truncate(repr(value), 64)}"
+        return None if problem is None else f"parameter {name} {problem}, got {quote(value, 64)}"
 
     return check
 
@@ -137,7 +129,7 @@ def _number(lo: float, hi: float, zero_ok: bool = False, integer: bool = False) 
     def check(name: str, value: Any) -> str | None:
         ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
         if isinstance(value, bool) or not ok_type or not math.isfinite(float(value)):
-            return f"parameter {name} must be {kind} in [{lo:g}, {hi:g}], got {truncate(repr(value), 64)}"
+            return f"parameter {name} must be {kind} in [{lo:g}, {hi:g}], got {quote(value, 64)}"
         if zero_ok and value == 0:
             return None
         if not lo <= value <= hi:
@@ -155,7 +147,7 @@ def _vector(n: int, lo: float, hi: float) -> _Check:
         except (TypeError, ValueError):
             arr = np.zeros(0)
         if arr.shape != (n,) or not np.all(np.isfinite(arr)) or np.any(arr < lo) or np.any(arr > hi):
-            return f"parameter {name} must be a list of {n} numbers in [{lo:g}, {hi:g}], got {truncate(str(value), 64)}"
+            return f"parameter {name} must be a list of {n} numbers in [{lo:g}, {hi:g}], got {quote(value, 64)}"
         return None
 
     return check
@@ -170,7 +162,7 @@ def _quaternion(name: str, value: Any) -> str | None:
     if bad or np.linalg.norm(arr) < 1e-6:
         return (
             f"parameter {name} must be a quaternion [x, y, z, w] of finite numbers with a norm in [1e-6, 1e6], "
-            f"got {truncate(str(value), 64)}"
+            f"got {quote(value, 64)}"
         )
     return None
 
@@ -188,7 +180,7 @@ def _text(name: str, value: Any) -> str | None:
 def _device(name: str, value: Any) -> str | None:
     if value in ("auto", "cpu", "cuda") or (isinstance(value, str) and re.fullmatch(r"cuda:\d{1,2}", value)):
         return None
-    return f"parameter {name} must be auto, cpu, cuda or cuda:N, got {truncate(repr(value), 64)}"
+    return f"parameter {name} must be auto, cpu, cuda or cuda:N, got {quote(value, 64)}"
 
 
 def _scene_check(parser: Callable[[str], Any]) -> _Check:
@@ -210,7 +202,7 @@ def parse_scene_list(text: str) -> tuple[str, ...]:
     items = tuple(s.strip() for s in text.split(",") if s.strip())
     for s in items:
         if len(s) > MAX_NAME_LEN:
-            raise ValueError(f"scene name {truncate(s, 64)!r} is longer than {MAX_NAME_LEN} characters")
+            raise ValueError(f"scene name {quote(s, 64)} is longer than {MAX_NAME_LEN} characters")
     return items
 
 
@@ -220,10 +212,10 @@ def parse_scene_frames(text: str) -> dict[str, str]:
     for entry in parse_scene_list(text):
         scene, sep, frame = (s.strip() for s in entry.partition(":"))
         if not sep or not scene:
-            raise ValueError(f"entry {truncate(entry, 64)!r} must be 'scene:frame'")
+            raise ValueError(f"entry {quote(entry, 64)} must be 'scene:frame'")
         problem = frame_id_problem(frame)
         if problem is not None:
-            raise ValueError(f"the frame of scene {truncate(scene, 64)!r} {problem}")
+            raise ValueError(f"the frame of scene {quote(scene, 64)} {problem}")
         table[scene] = frame
     return table
 
@@ -238,11 +230,11 @@ def parse_scene_alignment(text: str) -> dict[str, np.ndarray]:
         except ValueError:
             values = []
         if not sep or not scene or len(values) != 7:
-            raise ValueError(f"entry {truncate(entry, 64)!r} must be 'scene: x y z qx qy qz qw'")
+            raise ValueError(f"entry {quote(entry, 64)} must be 'scene: x y z qx qy qz qw'")
         xyz, q_xyzw = values[:3], values[3:]
         if not all(math.isfinite(v) and abs(v) <= 1e6 for v in xyz) or _quaternion("q", q_xyzw) is not None:
             raise ValueError(
-                f"the alignment of scene {truncate(scene, 64)!r} needs finite numbers and a non-zero quaternion"
+                f"the alignment of scene {quote(scene, 64)} needs finite numbers and a non-zero quaternion"
             )
         table[scene] = np.concatenate([xyz, geometry.quat_normalize(geometry.quat_from_ros(q_xyzw))])
     return table

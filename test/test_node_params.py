@@ -86,6 +86,7 @@ def test_config_snapshot_and_scene_tables():
     assert cross_check(config_from_values({"base_frame": "", "output_pose": "camera"})) is None
 
 
-def test_truncate_bounds_echoed_strings():
-    assert np_.truncate("x" * 65536).startswith("x" * 256) and len(np_.truncate("x" * 65536)) < 300
-    assert np_.truncate("short") == "short"
+def test_echoed_values_are_quoted_and_bounded():
+    msg = np_.validate("image_topic", "x" * 65536)  # echoed through imaging.quote: bounded, escaped
+    assert msg is not None and len(msg) < 300 and "65536 characters" in msg
+    assert "\\x1b" in np_.validate("backend", "\x1b[31m")

@@ -171,39 +171,61 @@ def _drain(monitor: NodeMonitor, process: NodeProcess, sent: set[int], opts: Liv
         time.sleep(0.05)
 
 
-def run_live(
-    opts: LiveOptions, env_changes: Mapping[str, str], out: Path, say: Callable[[str], None] = lambda _: None
-) -> LiveRun:
-    """Start the node, replay the bag into it, record its poses, stop it (see the module docstring)."""
+def _params_files(opts: LiveOptions, out: Path, overrides: Mapping[str, Any]) -> list[Path]:
+    """Return the node's ``--params-file`` list: the package's, the user's, then this run's overrides."""
     from apr_localizer.resources import config_path
 
-    from ..bags.player import BagPlayer, BagPlayerError
-
-    image_type, play_topics = _play_topics(opts)
-    overrides = _node_overrides(opts, image_type)
     params = [config_path("localizer.yaml"), *(Path(p) for p in opts.params)]
     for p in params:
         if not p.is_file():
             raise BagEvalError(f"parameter file {p} does not exist")
     params.append(write_params(out / "node_params.yaml", overrides))
+    return params
 
+
+def _player(opts: LiveOptions, session: RosHarness, play_topics: Sequence[str]) -> Any:
+    """Create the :class:`~apr_training.bags.player.BagPlayer` of ``play_topics`` on the harness node."""
+    from ..bags.player import BagPlayer, BagPlayerError
+
+    try:
+        return BagPlayer(
+            opts.bag,
+            session.node,
+            play_topics,
+            rate=opts.rate,
+            restamp=not opts.keep_stamps,
+            start_offset_s=opts.start_offset,
+            duration_s=opts.duration,
+            qos_depth=10,
+        )
+    except BagPlayerError as exc:
+        raise BagEvalError(str(exc)) from None
+
+
+def _received_poses(monitor: NodeMonitor, sent: set[int]) -> tuple[dict[int, tuple[int, np.ndarray]], int]:
+    """Sent stamp → (receipt ns, pose) of the first pose per played image; also the count of other poses."""
+    received: dict[int, tuple[int, np.ndarray]] = {}
+    unmatched = 0
+    for stamp, receipt, pose in monitor.poses():
+        if stamp in sent and stamp not in received:
+            received[stamp] = (receipt, pose)
+        else:
+            unmatched += 1
+    return received, unmatched
+
+
+def run_live(
+    opts: LiveOptions, env_changes: Mapping[str, str], out: Path, say: Callable[[str], None] = lambda _: None
+) -> LiveRun:
+    """Start the node, replay the bag into it, record its poses, stop it (see the module docstring)."""
+    image_type, play_topics = _play_topics(opts)
+    overrides = _node_overrides(opts, image_type)
+    params = _params_files(opts, out, overrides)
     session = RosHarness(name="apr_eval_bag")
     process: NodeProcess | None = None
     try:
         monitor = NodeMonitor(session, opts.node_name)
-        try:
-            player = BagPlayer(
-                opts.bag,
-                session.node,
-                play_topics,
-                rate=opts.rate,
-                restamp=not opts.keep_stamps,
-                start_offset_s=opts.start_offset,
-                duration_s=opts.duration,
-                qos_depth=10,
-            )
-        except BagPlayerError as exc:
-            raise BagEvalError(str(exc)) from None
+        player = _player(opts, session, play_topics)
         process = NodeProcess(params, dict(os.environ), out / "node.log", node_name=opts.node_name)
         say(
             f"apr-eval-bag: started localizer_node (pid {process.pid}); waiting until it is active "
@@ -228,13 +250,7 @@ def run_live(
         sent = {m.sent_stamp_ns for m in images if m.sent_stamp_ns is not None}
         _drain(monitor, process, sent, opts)
         diag = monitor.wait_diag(time.time_ns(), 3.0)
-        received: dict[int, tuple[int, np.ndarray]] = {}
-        unmatched = 0
-        for stamp, receipt, pose in monitor.poses():
-            if stamp in sent and stamp not in received:
-                received[stamp] = (receipt, pose)
-            else:
-                unmatched += 1
+        received, unmatched = _received_poses(monitor, sent)
     finally:
         code = process.stop(opts.stop_timeout) if process is not None else -1
         session.close()
@@ -260,10 +276,8 @@ def run_live(
     )
 
 
-def evaluate_live(
-    live: LiveRun, gt: GroundTruth, scene: str | None, label: str, info: dict[str, Any]
-) -> tuple[metrics.EvalReport, dict[str, Any], dict[str, np.ndarray]]:
-    """Accuracy over the frames that got a pose, end-to-end latency, counts; returns (report, live summary, arrays)."""
+def _match_live(live: LiveRun, gt: GroundTruth) -> tuple[dict[str, np.ndarray], int]:
+    """Per-frame arrays of the played images that have ground truth and a pose; also the count without ground truth."""
     rows: list[tuple[Any, ...]] = []
     without_gt = 0
     for i, m in enumerate(live.played):
@@ -273,24 +287,25 @@ def evaluate_live(
             without_gt += 1
             continue
         if got is None:
-            rows.append((i, m, gt_pose, dt_ms, None, math.nan))
             continue
         receipt, pose = got
         sent_ns = m.sent_stamp_ns if not live.keep_stamps else m.send_time_ns
         rows.append((i, m, gt_pose, dt_ms, pose, (receipt - sent_ns) * 1e-6))
-    with_pose = [r for r in rows if r[4] is not None]
-    n = len(with_pose)
+    n = len(rows)
     arrays = {
-        "index": np.asarray([r[0] for r in with_pose], dtype=np.int64),
-        "stamp_ns": np.asarray([r[1].stamp_ns for r in with_pose], dtype=np.int64),
-        "sent_stamp_ns": np.asarray([r[1].sent_stamp_ns for r in with_pose], dtype=np.int64),
-        "gt": np.asarray([r[2] for r in with_pose], dtype=np.float64).reshape(n, 7),
-        "gt_offset_ms": np.asarray([r[3] for r in with_pose], dtype=np.float64),
-        "pose": np.asarray([r[4] for r in with_pose], dtype=np.float64).reshape(n, 7),
-        "latency_ms": np.asarray([r[5] for r in with_pose], dtype=np.float64),
+        "index": np.asarray([r[0] for r in rows], dtype=np.int64),
+        "stamp_ns": np.asarray([r[1].stamp_ns for r in rows], dtype=np.int64),
+        "sent_stamp_ns": np.asarray([r[1].sent_stamp_ns for r in rows], dtype=np.int64),
+        "gt": np.asarray([r[2] for r in rows], dtype=np.float64).reshape(n, 7),
+        "gt_offset_ms": np.asarray([r[3] for r in rows], dtype=np.float64),
+        "pose": np.asarray([r[4] for r in rows], dtype=np.float64).reshape(n, 7),
+        "latency_ms": np.asarray([r[5] for r in rows], dtype=np.float64),
     }
-    played = len(live.played)
-    received = len(live.received)
+    return arrays, without_gt
+
+
+def _node_counters(live: LiveRun) -> dict[str, Any]:
+    """Return the node's counters over the replay (diagnostics after minus before) and its inference times."""
     d = live.diag or {}
     before = live.diag_before or {}
 
@@ -298,6 +313,27 @@ def evaluate_live(
         a, b = _diag_int(d, key), _diag_int(before, key)
         return None if a is None else a - (b or 0)
 
+    keys = ("frames_received", "frames_processed", "poses_published", "dropped_frames", "dropped_unprocessed")
+    keys += ("dropped_in_transport", "stale_frames", "rejected_messages", "low_confidence", "non_finite")
+    out: dict[str, Any] = {f"node_{k}": delta(k) for k in (*keys, "processing_errors")}
+    out.update(
+        node_inference_ms_p50=_float(d.get("inference_ms_p50")),
+        node_inference_ms_p90=_float(d.get("inference_ms_p90")),
+        node_latency_ms_p50=_float(d.get("latency_ms_p50")),
+        node_backend=d.get("backend", ""),
+        node_device=d.get("device", ""),
+    )
+    return out
+
+
+def evaluate_live(
+    live: LiveRun, gt: GroundTruth, scene: str | None, label: str, info: dict[str, Any]
+) -> tuple[metrics.EvalReport, dict[str, Any], dict[str, np.ndarray]]:
+    """Accuracy over the frames that got a pose, end-to-end latency, counts; returns (report, live summary, arrays)."""
+    arrays, without_gt = _match_live(live, gt)
+    n = len(arrays["index"])
+    played = len(live.played)
+    received = len(live.received)
     summary: dict[str, Any] = {
         "images_played": played,
         "poses_received": received,
@@ -306,22 +342,7 @@ def evaluate_live(
         "frames_without_gt": without_gt,
         "evaluated_frames": n,
         "poses_not_matching_an_image": live.unmatched_poses,
-        "node_frames_received": delta("frames_received"),
-        "node_frames_processed": delta("frames_processed"),
-        "node_poses_published": delta("poses_published"),
-        "node_dropped_frames": delta("dropped_frames"),
-        "node_dropped_unprocessed": delta("dropped_unprocessed"),
-        "node_dropped_in_transport": delta("dropped_in_transport"),
-        "node_stale_frames": delta("stale_frames"),
-        "node_rejected_messages": delta("rejected_messages"),
-        "node_low_confidence": delta("low_confidence"),
-        "node_non_finite": delta("non_finite"),
-        "node_processing_errors": delta("processing_errors"),
-        "node_inference_ms_p50": _float(d.get("inference_ms_p50")),
-        "node_inference_ms_p90": _float(d.get("inference_ms_p90")),
-        "node_latency_ms_p50": _float(d.get("latency_ms_p50")),
-        "node_backend": d.get("backend", ""),
-        "node_device": d.get("device", ""),
+        **_node_counters(live),
         "node_exit_code": live.node_exit_code,
         "play_wall_s": live.play_wall_s,
         "bag_span_s": live.bag_span_s,
@@ -336,13 +357,9 @@ def evaluate_live(
         ),
         "stamps": "recorded stamps kept (--keep-stamps)" if live.keep_stamps else "restamped with the send time",
     }
+    latency = {"total": arrays["latency_ms"]}
     method = metrics.per_scene_metrics(
-        arrays["pose"],
-        arrays["gt"],
-        [scene or label] * n,
-        None,
-        {"total": arrays["latency_ms"]},
-        name="localizer_node (live)",
+        arrays["pose"], arrays["gt"], [scene or label] * n, None, latency, name="localizer_node (live)"
     )
     report = metrics.EvalReport([method], {**info, "live": summary})
     return report, summary, arrays
@@ -414,6 +431,24 @@ def write_live_outputs(
 ) -> str:
     """Write every live output file; return the text table."""
     text = write_reports(out, report, format_live_summary(summary), format_live_summary(summary, markdown=True))
+    _write_live_frames(out / "frames.csv", arrays)
+    _write_played(out / "played.csv", live)
+    stamps_s = arrays["stamp_ns"].astype(np.float64) * 1e-9
+    metrics.write_tum(out / "tum" / "gt.txt", stamps_s, arrays["gt"])
+    metrics.write_tum(out / "tum" / "live.txt", stamps_s, arrays["pose"])
+    if plots and len(arrays["index"]):
+        plot_run(out / "plots", arrays["gt"], {"localizer_node (live)": arrays["pose"]}, title, plane)
+        plot_latency(
+            arrays["latency_ms"],
+            arrays["index"],
+            out / "plots" / "latency.png",
+            f"{title}: end-to-end latency (image publish → pose receipt)",
+        )
+    return text
+
+
+def _write_live_frames(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
+    """``frames.csv`` of a live run: stamps, ground truth, the node's pose, its errors and the end-to-end latency."""
     errs = metrics.frame_errors(arrays["pose"], arrays["gt"])[:2] if len(arrays["pose"]) else (np.zeros(0),) * 2
     header = [
         "frame",
@@ -427,7 +462,7 @@ def write_live_outputs(
         "live_rot_err_deg",
         "end_to_end_ms",
     ]
-    rows = []
+    rows: list[list[Any]] = []
     for i in range(len(arrays["index"])):
         rows.append(
             [
@@ -443,7 +478,11 @@ def write_live_outputs(
                 fmt(arrays["latency_ms"][i]),
             ]
         )
-    write_csv(out / "frames.csv", header, rows)
+    write_csv(path, header, rows)
+
+
+def _write_played(path: Path, live: LiveRun) -> None:
+    """``played.csv``: every played image with its stamps, send time, lateness and whether a pose came back."""
     played_rows = []
     for i, m in enumerate(live.played):
         got = live.received.get(m.sent_stamp_ns)
@@ -458,20 +497,5 @@ def write_live_outputs(
                 int(got is not None),
             ]
         )
-    write_csv(
-        out / "played.csv",
-        ["frame", "stamp_ns", "sent_stamp_ns", "send_time_ns", "lateness_ms", "pose_receipt_ns", "pose_received"],
-        played_rows,
-    )
-    stamps_s = arrays["stamp_ns"].astype(np.float64) * 1e-9
-    metrics.write_tum(out / "tum" / "gt.txt", stamps_s, arrays["gt"])
-    metrics.write_tum(out / "tum" / "live.txt", stamps_s, arrays["pose"])
-    if plots and len(arrays["index"]):
-        plot_run(out / "plots", arrays["gt"], {"localizer_node (live)": arrays["pose"]}, title, plane)
-        plot_latency(
-            arrays["latency_ms"],
-            arrays["index"],
-            out / "plots" / "latency.png",
-            f"{title}: end-to-end latency (image publish → pose receipt)",
-        )
-    return text
+    header = ["frame", "stamp_ns", "sent_stamp_ns", "send_time_ns", "lateness_ms", "pose_receipt_ns", "pose_received"]
+    write_csv(path, header, played_rows)

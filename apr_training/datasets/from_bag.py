@@ -108,25 +108,9 @@ def extract_dataset(
     for split in ("train", "test"):
         (out / scene_name / seq_of[split]).mkdir(parents=True, exist_ok=True)
 
-    rows: dict[str, list[LabelRow]] = {"train": [], "test": []}
-    frames_rows: list[list[str]] = []
-    bar = _bar(len(plan), progress)
-    shape = None
-    for idx, m in enumerate(bagio.iter_messages(bag, [image_topic])):
-        if idx not in plan:
-            continue
-        split, k = plan[idx]
-        rgb = bagio.image_to_rgb(m.msg, m.msgtype)
-        shape = rgb.shape
-        rel = f"{scene_name}/{seq_of[split]}/frame-{k:06d}.color.png"
-        with atomic_path(out / rel, fsync=False) as tmp:
-            Image.fromarray(np.ascontiguousarray(rgb)).save(tmp, format="PNG", compress_level=1)
-        p = gt[idx]
-        rows[split].append(LabelRow(scene_name, split, seq_of[split], rel, tuple(float(v) for v in p)))
-        frames_rows.append([rel, split, str(int(img_stamps[idx])), str(int(m.t_ns)), f"{resid_ms[idx]:.3f}"])
-        bar.update(1)
-    bar.close()
-
+    rows, frames_rows, shape = _write_images(
+        bag, image_topic, plan, out, scene_name, seq_of, (gt, img_stamps, resid_ms), progress
+    )
     for split, path in (("train", train_csv), ("test", test_csv)):
         write_labels(path, rows[split])
     frames_csv = io.StringIO()
@@ -159,6 +143,39 @@ def extract_dataset(
     }
     atomic_write_text(out / f"{scene_name}_extract.json", json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _write_images(
+    bag: Path,
+    image_topic: str,
+    plan: dict[int, tuple[str, int]],
+    out: Path,
+    scene_name: str,
+    seq_of: dict[str, str],
+    matches: tuple[np.ndarray, np.ndarray, np.ndarray],
+    progress: bool,
+) -> tuple[dict[str, list[LabelRow]], list[list[str]], tuple[int, ...] | None]:
+    """Write the planned images as PNG; return the label rows per split, the frames.csv rows and the image shape."""
+    gt, img_stamps, resid_ms = matches
+    rows: dict[str, list[LabelRow]] = {"train": [], "test": []}
+    frames_rows: list[list[str]] = []
+    bar = _bar(len(plan), progress)
+    shape = None
+    for idx, m in enumerate(bagio.iter_messages(bag, [image_topic])):
+        if idx not in plan:
+            continue
+        split, k = plan[idx]
+        rgb = bagio.image_to_rgb(m.msg, m.msgtype)
+        shape = rgb.shape
+        rel = f"{scene_name}/{seq_of[split]}/frame-{k:06d}.color.png"
+        with atomic_path(out / rel, fsync=False) as tmp:
+            Image.fromarray(np.ascontiguousarray(rgb)).save(tmp, format="PNG", compress_level=1)
+        p = gt[idx]
+        rows[split].append(LabelRow(scene_name, split, seq_of[split], rel, tuple(float(v) for v in p)))
+        frames_rows.append([rel, split, str(int(img_stamps[idx])), str(int(m.t_ns)), f"{resid_ms[idx]:.3f}"])
+        bar.update(1)
+    bar.close()
+    return rows, frames_rows, shape
 
 
 def _check_options(

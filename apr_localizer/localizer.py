@@ -59,7 +59,8 @@ class Estimate:
     ``score`` is the uncertainty score ``score_name`` (higher = less trustworthy; NaN when it cannot be computed,
     e.g. ``step_size`` of the APR estimate) as it would be if the refinement had stopped at ``iterations``;
     ``sigma_position_m`` (per axis, m) and ``sigma_orientation_rad`` (per axis, rad) come from the bundle's
-    calibration, None when the model is uncalibrated.
+    calibration, None when the model is uncalibrated. ``scores`` holds every candidate score of
+    :data:`uncertainty.SCORES` when asked for (evaluation), else nothing.
     """
 
     pose: np.ndarray
@@ -73,6 +74,7 @@ class Estimate:
     score_name: str = uncertainty.DEFAULT_SCORE
     sigma_position_m: float | None = None
     sigma_orientation_rad: float | None = None
+    scores: dict[str, float] = field(default_factory=dict)  # every candidate score (run_steps all_scores=True)
 
     @property
     def position(self) -> np.ndarray:
@@ -155,13 +157,15 @@ class Localizer:
         *,
         encoding: str = "rgb8",
         scene_override: int | None = None,
+        all_scores: bool = False,
     ) -> list[Estimate]:
         """Localize one image and return every step: ``[APR, after 1 step, …, after N steps]``.
 
         ``image`` is an HxWx3 uint8 RGB array, an HxWxC array in ``encoding``, or an already preprocessed
         ``(1,3,H,W)`` tensor. ``iterations`` defaults to the options' count (0 without an iAPR). Each estimate's
         ``timings_ms`` holds the stages (``decode``, ``preprocess``, ``apr``, ``encoder``, ``step1``…, ``iapr``,
-        ``postprocess``, ``total``), synchronised with the device.
+        ``postprocess`` (which includes ``uncertainty``), ``total``), synchronised with the device. ``all_scores``
+        also fills each estimate's ``scores`` with every candidate uncertainty score (``pae_gap``: one PAE pass).
         """
         t0 = time.perf_counter()
         timings: dict[str, float] = {}
@@ -192,7 +196,9 @@ class Localizer:
         apr_raw = steps.poses[0][0].detach().to("cpu", torch.float64).numpy()  # as regressed (not normalised)
         cal = self.bundle.uncertainty
         score_name = cal.score if cal is not None else uncertainty.DEFAULT_SCORE
-        pae = self._pae_gap(steps) if score_name == "pae_gap" else math.nan
+        t5 = time.perf_counter()
+        pae = self._pae_gap(steps) if score_name == "pae_gap" or all_scores else math.nan
+        timings["uncertainty"] = (time.perf_counter() - t5) * 1e3  # the PAE pass of pae_gap (0 for other scores)
         rot_weight = cal.rot_weight if cal is not None else 1.0
         timings["postprocess"] = (time.perf_counter() - t4) * 1e3
         timings["total"] = (time.perf_counter() - t0) * 1e3
@@ -213,6 +219,10 @@ class Localizer:
                     score_name=score_name,
                     sigma_position_m=sigmas[0],
                     sigma_orientation_rad=sigmas[1],
+                    scores={
+                        n: uncertainty.score_frame(n, poses[: k + 1], conf, rot_weight, pae)
+                        for n in (uncertainty.SCORES if all_scores else ())
+                    },
                 )
             )
         return estimates

@@ -179,3 +179,14 @@ def test_ceiling_knot_extends_the_fit_beyond_the_validation_scores():
     no_ceiling = fit_calibration("scene_prob", s, err, err * 0.1, bins=4)
     assert len(no_ceiling.knots) == 4 and no_ceiling.sigma(2.0) == no_ceiling.sigma(no_ceiling.knots[-1])
     assert score_frame("pae_gap", [np.zeros(7)], 1.0, pae=0.25) == 0.25
+
+
+def test_all_scores_gives_every_candidate_per_step(calibrated):
+    loc = Localizer.from_files(calibrated, options=LocalizerOptions(backend="torch", iapr_iterations=2))
+    rgb = np.random.default_rng(3).integers(0, 255, (120, 160, 3), dtype=np.uint8)
+    steps = loc.run_steps(rgb, all_scores=True)
+    assert all(set(e.scores) == {"scene_prob", "step_size", "apr_iapr_gap", "pae_gap"} for e in steps)
+    assert steps[-1].scores["step_size"] == pytest.approx(steps[-1].score)  # the calibrated score is step_size
+    assert steps[0].scores["pae_gap"] == steps[-1].scores["pae_gap"] and math.isfinite(steps[0].scores["pae_gap"])
+    assert steps[-1].scores["scene_prob"] == pytest.approx(1.0 - steps[-1].confidence)
+    assert loc.run_steps(rgb)[-1].scores == {} and "uncertainty" in steps[-1].timings_ms

@@ -37,6 +37,7 @@ __all__ = [
     "LabelTable",
     "read_labels",
     "resolve_scene_ids",
+    "split_by_sequence",
     "validate_images",
     "write_labels",
 ]
@@ -164,6 +165,52 @@ class LabelTable:
     def image_path(self, i: int, root: str | Path | None = None) -> Path:
         """Absolute path of the image of row ``i`` under ``root`` (default: :attr:`root`)."""
         return _resolve_root(self, root) / self.img_path[i]
+
+
+def split_by_sequence(
+    table: LabelTable, val_sequences: Sequence[str] | None = None, val_fraction: float = 0.0, seed: int = 0
+) -> tuple[LabelTable, LabelTable]:
+    """Hold out whole sequences for validation: ``(train, val)`` with the same scene ids.
+
+    No frame of a held-out sequence trains, so the validation error is that of an unseen walk, not of a neighbour.
+
+    ``val_sequences`` names ``seq`` values (``seq-03``: in every scene) or ``scene/seq`` pairs; otherwise
+    ``val_fraction`` of each scene's sequences (rounded, at least one when the scene has two or more, never all) are
+    drawn with ``seed``. A scene with a single sequence keeps it for training. Raises :class:`LabelError` when a
+    named sequence does not exist or nothing would be held out.
+    """
+    groups: dict[tuple[str, str], list[int]] = {}
+    for i, (scene, seq) in enumerate(zip(table.scene, table.seq)):
+        groups.setdefault((scene, seq), []).append(i)
+    held: set[tuple[str, str]] = set()
+    if val_sequences:
+        for name in val_sequences:
+            match = {g for g in groups if name in (g[1], f"{g[0]}/{g[1]}")}
+            if not match:
+                raise LabelError(
+                    f"data.val_sequences: {name!r} is not a seq (or scene/seq) of {table.source or 'the labels'}"
+                )
+            held |= match
+    elif val_fraction > 0:
+        rng = np.random.default_rng(seed)
+        for scene in sorted(set(table.scene)):
+            seqs = sorted(g[1] for g in groups if g[0] == scene)
+            if len(seqs) < 2:
+                continue
+            k = min(len(seqs) - 1, max(1, int(round(val_fraction * len(seqs)))))
+            held |= {(scene, seqs[j]) for j in sorted(rng.choice(len(seqs), size=k, replace=False).tolist())}
+    if not held:
+        raise LabelError(
+            f"{table.source or 'the labels'}: no sequence to hold out for validation (every scene has one sequence); "
+            "record several sequences per scene or pass --val-labels"
+        )
+    val_idx = sorted(i for g in held for i in groups[g])
+    train_idx = sorted(set(range(len(table))) - set(val_idx))
+    if not train_idx:
+        raise LabelError(
+            f"data.val_sequences holds out every sequence of {table.source or 'the labels'}; keep some for training"
+        )
+    return table.take(train_idx), table.take(val_idx)
 
 
 def resolve_scene_ids(

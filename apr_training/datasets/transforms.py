@@ -1,6 +1,7 @@
 """Training-time image transforms (model_spec.md §4.2), on uint8 tensors with torchvision.transforms.v2.
 
-* :class:`TrainTransform`: Resize(256) → RandomCrop(224) → ColorJitter(0.5, 0.5, 0.5, 0.2) → float → Normalize.
+* :class:`TrainTransform`: Resize(256) → RandomCrop(224) → ColorJitter(0.5, 0.5, 0.5, 0.2) → float → Normalize
+  (the spec's defaults; the jitter strengths and a RandomResizedCrop scale range are options of the robot recipe).
   Resize is antialiased bilinear on uint8 (within about one grey level of the PIL resize used upstream) and the
   colour jitter also runs on uint8, as upstream jitters PIL images before ``ToTensor``.
 * The test transform is :class:`apr_localizer.preprocess.EvalTransform` (one preprocessing function for training,
@@ -72,6 +73,8 @@ class TrainTransform:
 
     Resize(shorter side ``config.resize``, antialiased bilinear) → RandomCrop(``config.crop``) →
     ColorJitter(brightness, contrast, saturation, hue) (when ``jitter``) → float in [0, 1] → Normalize(mean, std).
+    With ``crop_scale_min < 1`` the crop is a square RandomResizedCrop of the resized image covering
+    ``[crop_scale_min, 1]`` of the largest centred square's area (zoom augmentation), resized to ``config.crop``.
     Random draws use torch's global generator (seeded per DataLoader worker).
     """
 
@@ -83,13 +86,20 @@ class TrainTransform:
         contrast: float = 0.5,
         saturation: float = 0.5,
         hue: float = 0.2,
+        crop_scale_min: float = 1.0,
     ) -> None:
         self.config = config if config is not None else PreprocessConfig()
         self.jitter = jitter
         ops: list[torch.nn.Module] = [
-            v2.Resize(self.config.resize, interpolation=v2.InterpolationMode.BILINEAR, antialias=True),
-            v2.RandomCrop(self.config.crop),
+            v2.Resize(self.config.resize, interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
         ]
+        if crop_scale_min < 1.0:
+            # the area scale is relative to the whole resized image; rescale so that 1.0 is the largest square
+            aspect = self.config.crop / self.config.resize
+            ops.append(v2.RandomResizedCrop(self.config.crop, scale=(crop_scale_min * aspect, aspect),
+                                            ratio=(1.0, 1.0), antialias=True))  # fmt: skip
+        else:
+            ops.append(v2.RandomCrop(self.config.crop))
         if jitter:
             ops.append(v2.ColorJitter(brightness=brightness, contrast=contrast, saturation=saturation, hue=hue))
         ops += [
@@ -144,12 +154,14 @@ def build_train_transform(
     config: PreprocessConfig | None = None,
     no_augment: bool = False,
     jitter: bool = True,
+    **options: float,
 ) -> TrainTransform | EvalTransform:
     """Training transform: the test transform when ``no_augment``, else :class:`TrainTransform`.
 
     ``no_augment`` is the Cambridge initial training and PAE training setting (model_spec.md §3); ``jitter`` turns
-    the colour jitter of :class:`TrainTransform` on or off.
+    the colour jitter of :class:`TrainTransform` on or off; ``options`` are its strengths (``brightness``,
+    ``contrast``, ``saturation``, ``hue``) and ``crop_scale_min``.
     """
     if no_augment:
         return build_eval_transform(config)
-    return TrainTransform(config, jitter=jitter)
+    return TrainTransform(config, jitter=jitter, **options)

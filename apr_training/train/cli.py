@@ -31,6 +31,8 @@ trainers:
   iapr            iAPR relative pose regressor on image pairs (--pairs, or pairs generated from --labels)
   posenet         single-scene PoseNet baseline (efficientnet_b0 | mobilenet_v3_large | resnet50)
   decoder         PAE image decoder (64x64 reconstruction from a pose); --demo writes a GT/reconstruction grid
+  pipeline        split by sequence -> MS-Transformer -> PAE -> iAPR -> calibration -> DIR/model.safetensors
+                  (apr-train pipeline --data ROOT --labels CSV --out DIR [--time-budget MIN] [--resume]; -h for more)
 """
 
 _EPILOG = """\
@@ -181,7 +183,8 @@ def run_training(args: argparse.Namespace) -> int:
     import yaml
 
     from .config import TrainConfig, apply_overrides, default_config_name, load_config
-    from .distributed import init_distributed
+    from .distributed import barrier, init_distributed
+    from .helpers import write_val_split
     from .loop import Trainer
     from .state import STATE_FILE, load_train_state, seed_everything
     from .task import Context, Paths, TrainError
@@ -229,6 +232,12 @@ def run_training(args: argparse.Namespace) -> int:
             paths.labels = Path(stored["labels"])
         if paths.data is None and stored.get("data"):
             paths.data = Path(stored["data"])
+    if paths.val_labels is None and paths.labels is not None and (cfg.data.val_sequences or cfg.data.val_fraction):
+        if dist_info.is_main and Path(paths.labels).resolve() != (out / "split_train.csv").resolve():
+            write_val_split(paths.labels, paths.data, out, cfg)  # (a resume may name the split itself: kept)
+        barrier(dist_info)
+        paths.data = paths.data or Path(paths.labels).resolve().parent
+        paths.labels, paths.val_labels = out / "split_train.csv", out / "split_val.csv"
     ctx = Context(trainer=args.trainer, config=cfg, paths=paths, device=device, dist=dist_info, resume=args.resume,
                   export_official=args.export_official, demo=args.demo, config_source=source)  # fmt: skip
     task = _task_class(args.trainer)(ctx)
@@ -248,8 +257,15 @@ def run_training(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``apr-train``; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["pipeline"]:  # apr-train pipeline: every trainer, calibration and packaging (its own options)
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        logging.getLogger("apr_training").setLevel(logging.INFO)
+        from .pipeline import pipeline_main
+
+        return pipeline_main(argv[1:])
     parser = build_parser()
-    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    args = parser.parse_args(argv)
     logging.basicConfig(level=getattr(logging, args.log_level), format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("apr_training").setLevel(getattr(logging, args.log_level))
     from apr_localizer.checkpoints import CheckpointError

@@ -71,7 +71,12 @@ class DataConfig:
     workers: int = 4
     equalize_scenes: bool = False  # Cambridge: every scene sampled max_scene_count times per epoch
     no_augment: bool = False  # test transform for training (Cambridge stage 1, PAE)
-    color_jitter: bool = True  # ColorJitter(0.5, 0.5, 0.5, 0.2) of the train transform
+    color_jitter: bool = True  # ColorJitter of the train transform (strengths below; spec: 0.5, 0.5, 0.5, 0.2)
+    jitter_brightness: float = 0.5
+    jitter_contrast: float = 0.5
+    jitter_saturation: float = 0.5
+    jitter_hue: float = 0.2  # fraction of the hue circle (0.2 = ±72°); robot recipe: small, rooms differ by colour
+    crop_scale_min: float = 1.0  # < 1: RandomResizedCrop area scale in [crop_scale_min, 1] (spec: plain RandomCrop)
     resize: int = 256  # shorter image side before cropping
     crop: int = 224  # square model input
     cache_in_ram: bool | str = False  # False | "encoded" | "decoded" | "resized" (see datasets.ImageStore)
@@ -86,6 +91,10 @@ class DataConfig:
     pair_max_angle_deg: float = 30.0
     pair_min_distance_m: float = 0.0
     pairs_per_frame: int = 5
+    pair_mode: str = "neighbours"  # neighbours (spec) | apr_errors (GT perturbed by the APR's validation errors)
+    pair_error_scale: float = 1.5  # apr_errors: errors drawn from the APR's, times U(0, pair_error_scale)
+    val_sequences: list[str] | None = None  # hold out these `seq` values (or scene/seq) of --labels for validation
+    val_fraction: float = 0.0  # > 0: hold out about this fraction of each scene's sequences (whole sequences)
 
 
 @dataclass
@@ -144,12 +153,17 @@ class LossConfig:
     norm: float = 2.0
     scene_weight: float = 1.0  # weight of the scene NLL (upstream: 1)
     decay_loss_weights: bool = True  # Adam weight decay also on s_x/s_q (upstream behaviour, model_spec.md §10.17)
+    sign_invariant: bool = False  # orientation term min over ±q (robot recipe); false = the spec's loss
 
 
 @dataclass
 class OptimConfig:
-    """Adam + StepLR (stepped once per epoch)."""
+    """Optimiser and LR schedule: the spec's Adam + StepLR (stepped once per epoch), or AdamW + warm-up + cosine."""
 
+    optimizer: str = "adam"  # adam (spec: L2 weight decay) | adamw (decoupled weight decay)
+    schedule: str = "step"  # step (StepLR per epoch, spec) | cosine (per step, to min_lr_ratio · lr at the end)
+    warmup_steps: int = 0  # linear warm-up from lr/100 over this many optimiser steps (cosine and step)
+    min_lr_ratio: float = 0.01  # cosine: final lr = lr · min_lr_ratio
     lr: float = 1e-4
     weight_decay: float = 1e-4
     eps: float = 1e-10
@@ -174,6 +188,7 @@ class RunConfig:
     amp_dtype: str = "auto"  # auto (bfloat16 where the GPU supports it, else float16) | float16 (GradScaler) | bfloat16
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     max_steps: int | None = None  # stop after this many optimiser steps in total
+    time_budget_s: float | None = None  # stop after this much training time (the cosine schedule is sized to it)
     progress: bool = True  # tqdm progress bars on rank 0
     best_metric: str = "auto"  # auto | train_loss | val_position | val_orientation | val_loss
     val_every: int = 1  # epochs between validations (with --val-labels)
@@ -277,6 +292,19 @@ class TrainConfig:
             (self.optim.n_epochs >= 0, "optim.n_epochs", "0 or more"),
             (self.optim.lr_scheduler_step_size >= 1, "optim.lr_scheduler_step_size", "a positive integer"),
             (self.optim.grad_clip_norm >= 0, "optim.grad_clip_norm", "0 (off) or a positive number"),
+            (self.optim.optimizer in ("adam", "adamw"), "optim.optimizer", "'adam' or 'adamw'"),
+            (self.optim.schedule in ("step", "cosine"), "optim.schedule", "'step' or 'cosine'"),
+            (self.optim.warmup_steps >= 0, "optim.warmup_steps", "0 or more"),
+            (0.0 <= self.optim.min_lr_ratio <= 1.0, "optim.min_lr_ratio", "a ratio in [0, 1]"),
+            (0.0 < self.data.crop_scale_min <= 1.0, "data.crop_scale_min", "a fraction in (0, 1]"),
+            (min(self.data.jitter_brightness, self.data.jitter_contrast, self.data.jitter_saturation) >= 0,
+             "data.jitter_brightness", "jitter strengths of 0 or more"),
+            (0.0 <= self.data.jitter_hue <= 0.5, "data.jitter_hue", "a fraction of the hue circle in [0, 0.5]"),
+            (self.data.pair_mode in ("neighbours", "apr_errors"), "data.pair_mode", "'neighbours' or 'apr_errors'"),
+            (self.data.pair_error_scale > 0, "data.pair_error_scale", "a positive number"),
+            (0.0 <= self.data.val_fraction < 1.0, "data.val_fraction", "a fraction in [0, 1)"),
+            (self.run.time_budget_s is None or self.run.time_budget_s > 0, "run.time_budget_s",
+             "null or a positive number of seconds"),
             (self.run.n_freq_print >= 1, "run.n_freq_print", "a positive integer"),
             (self.run.n_freq_checkpoint >= 1, "run.n_freq_checkpoint", "a positive integer"),
             (self.run.save_every_epochs >= 1, "run.save_every_epochs", "a positive integer"),

@@ -31,6 +31,7 @@ __all__ = [
     "provenance",
     "read_label_table",
     "train_transform",
+    "write_val_split",
 ]
 
 
@@ -128,7 +129,10 @@ def train_transform(cfg: TrainConfig, no_augment: bool | None = None):
 
     na = cfg.data.no_augment if no_augment is None else no_augment
     pc = PreprocessConfig(resize=cfg.data.resize, crop=cfg.data.crop)
-    return build_train_transform(pc, no_augment=na, jitter=cfg.data.color_jitter)
+    d = cfg.data
+    return build_train_transform(pc, no_augment=na, jitter=d.color_jitter, brightness=d.jitter_brightness,
+                                 contrast=d.jitter_contrast, saturation=d.jitter_saturation, hue=d.jitter_hue,
+                                 crop_scale_min=d.crop_scale_min)  # fmt: skip
 
 
 def read_label_table(path: Path | None, root: Path | None, scene_names: list[str] | None, what: str = "--labels"):
@@ -146,6 +150,27 @@ def read_label_table(path: Path | None, root: Path | None, scene_names: list[str
             "(validate on held-out training frames, or drop --val-labels and use the final epoch as the papers do)"
         )
     return table
+
+
+def write_val_split(labels: Path, data: Path | None, out: Path, cfg: TrainConfig) -> tuple[Path, Path, Path]:
+    """Split ``labels`` by sequence (``data.val_sequences`` / ``data.val_fraction``) into ``out/split_{train,val}.csv``.
+
+    Returns ``(train CSV, validation CSV, dataset root)``; the root is ``data`` or the label CSV's folder, so the
+    relative image paths stay valid. The split is deterministic (``run.seed``), so a resume writes the same files.
+    """
+    from apr_training.datasets.labels import read_labels, split_by_sequence, write_labels
+
+    table = read_labels(labels, dataset_root=data)
+    train, val = split_by_sequence(table, cfg.data.val_sequences, cfg.data.val_fraction, cfg.run.seed)
+    for t in (train, val):
+        t.split = ["train"] * len(t)  # both are training-split frames; the val CSV must not look like a test set
+    out.mkdir(parents=True, exist_ok=True)
+    train_csv, val_csv = out / "split_train.csv", out / "split_val.csv"
+    write_labels(train_csv, train)
+    write_labels(val_csv, val)
+    held = sorted({f"{a}/{b}" for a, b in zip(val.scene, val.seq)})
+    log.info("validation split: %d frames of %s held out (%d frames train)", len(val), ", ".join(held), len(train))
+    return train_csv, val_csv, (Path(data) if data is not None else Path(labels).resolve().parent)
 
 
 def check_scene_count(cfg: TrainConfig, scene_names: list[str], labels_path: Path | None) -> None:

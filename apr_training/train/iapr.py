@@ -1,9 +1,15 @@
 """iAPR (VTRPR) training on image pairs (model_spec.md §7.4).
 
-* Data: a pairs CSV (``--pairs``) or, without one, pairs generated from ``--labels`` with
-  :func:`apr_training.datasets.pairs.generate_pairs` (camera distance / rotation-angle thresholds from ``data.pair_*``)
-  and saved as ``<out>/pairs.csv``. Each item is swapped with probability ``data.swap_prob``; image 1 is the query,
-  pose 2 the neighbour (unit quaternion), scene 2 the forced scene.
+* Data: a pairs CSV (``--pairs``) or, without one, pairs generated from ``--labels`` and saved as
+  ``<out>/pairs.csv``: with ``data.pair_mode: neighbours`` (spec-like) by
+  :func:`apr_training.datasets.pairs.generate_pairs` (camera distance / rotation-angle thresholds from ``data.pair_*``);
+  with ``data.pair_mode: apr_errors`` (robot recipe) by :func:`~apr_training.datasets.pairs.error_matched_pairs`:
+  the ``--teacher`` APR is run on the validation frames (``--val-labels``; the training frames when there are none),
+  and every training frame gets neighbour poses = its GT perturbed by errors drawn from that distribution (scaled by
+  U(0, ``data.pair_error_scale``)), so the regressor learns the corrections the deployed loop asks of it; those pairs
+  are never swapped; the measured errors are written to ``<out>/apr_errors.json``.
+  Other pairs are swapped with probability ``data.swap_prob``; image 1 is the query, pose 2 the neighbour (unit
+  quaternion), scene 2 the forced scene.
 * Forward: ``iapr(image 1, scene 2 forced, pose 2) → rel(1→2)``; loss = CameraPoseLoss (learned, s_x 0 / s_q −3
   by default) against the GT relative pose; no scene term.
 * Initialisation: the iAPR's MS-Transformer from ``--teacher`` (a trained MS-Transformer), its PAE from ``--pae``.
@@ -188,14 +194,18 @@ class IAPRTask(Task):
             for p in iapr.pae.parameters():
                 p.requires_grad_(False)
         self.apr, self.iapr, self.standalone_pae = apr, iapr, pae
+        self.inputs_teacher = teacher_path is not None
         self.pairs = self._pairs(labels, pairs_path)
         from apr_training.datasets.torch_datasets import CameraPoseDataset, RelPoseDataset
 
+        swap = 0.0 if cfg.data.pair_mode == "apr_errors" else cfg.data.swap_prob
         self.dataset = RelPoseDataset(self.pairs, ctx.paths.data, transform=train_transform(cfg),
-                                      swap_prob=cfg.data.swap_prob, cache_in_ram=cfg.data.cache_in_ram,
+                                      swap_prob=swap, cache_in_ram=cfg.data.cache_in_ram,
                                       cache_options=image_cache(ctx, "pairs"))  # fmt: skip
         loss = cfg.loss
-        self.criterion = CameraPoseLoss(loss.learnable, loss.s_x, loss.s_q, loss.norm)
+        self.criterion = CameraPoseLoss(
+            loss.learnable, loss.s_x, loss.s_q, loss.norm, sign_invariant=loss.sign_invariant
+        )
         self.module = IAPRStep(iapr, self.criterion, ic.freeze_encoder).to(ctx.device)
         if apr is not iapr.mstransformer:
             apr.to(ctx.device)
@@ -219,6 +229,11 @@ class IAPRTask(Task):
         if pairs_path is not None:
             pairs = read_pairs(pairs_path, dataset_root=ctx.paths.data or labels.root, scene_names=self.scene_names)
             self.pairs_path = pairs_path
+        elif d.pair_mode == "apr_errors":
+            pairs = self._error_matched_pairs(labels)
+            self.pairs_path = ctx.out / "pairs.csv"
+            if ctx.dist.is_main:
+                write_pairs(self.pairs_path, pairs)
         else:
             pairs = generate_pairs(labels, max_distance_m=d.pair_max_distance_m, max_angle_deg=d.pair_max_angle_deg,
                                    min_distance_m=d.pair_min_distance_m, pairs_per_frame=d.pairs_per_frame,
@@ -234,6 +249,45 @@ class IAPRTask(Task):
                 f"{d.pair_max_distance_m}, data.pair_max_angle_deg {d.pair_max_angle_deg}); relax the thresholds"
             )
         return pairs
+
+    def _error_matched_pairs(self, labels):
+        """Measure the teacher APR's errors (validation frames, else training frames) and draw pairs from them."""
+        import json
+
+        import numpy as np
+
+        from apr_localizer.fileio import atomic_write_text
+        from apr_localizer.geometry import pose_errors
+        from apr_training.datasets.pairs import error_matched_pairs
+        from apr_training.datasets.torch_datasets import CameraPoseDataset
+
+        ctx, d = self.ctx, self.cfg.data
+        if not self.inputs_teacher:
+            raise TrainError("data.pair_mode apr_errors needs --teacher: the trained APR whose errors the pairs match")
+        source = ctx.paths.val_labels
+        if source is not None:
+            table = read_label_table(source, ctx.paths.data, self.scene_names, "--val-labels")
+        else:
+            log.warning("data.pair_mode apr_errors without --val-labels: measuring the APR on its training frames "
+                        "(optimistic errors); hold out sequences for validation instead")  # fmt: skip
+            table, source = labels, ctx.paths.labels
+        loader = make_eval_loader(ctx, CameraPoseDataset(table, ctx.paths.data, transform=eval_transform(self.cfg)))
+        self.apr.to(ctx.device).eval()
+        ests = []
+        with torch.no_grad():
+            for batch in loader:
+                ests.append(self.apr(batch["image"].to(ctx.device))["pose"].float().cpu())
+        est = torch.cat(ests).double().numpy()
+        e_t, e_r = pose_errors(est, table.unit_poses())
+        summary = {"source": str(source), "frames": len(e_t), "scale": d.pair_error_scale,
+                   "position_m": {q: float(np.percentile(e_t, q)) for q in (25, 50, 75, 90)},
+                   "orientation_deg": {q: float(np.percentile(e_r, q)) for q in (25, 50, 75, 90)}}  # fmt: skip
+        log.info("APR errors on %s: median %.2f m / %.1f deg (pairs drawn up to %.1fx)", source,
+                 summary["position_m"][50], summary["orientation_deg"][50], d.pair_error_scale)  # fmt: skip
+        if ctx.dist.is_main:
+            ctx.out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(ctx.out / "apr_errors.json", json.dumps(summary, indent=2) + "\n")
+        return error_matched_pairs(labels, e_t, e_r, d.pairs_per_frame, d.pair_error_scale, self.cfg.run.seed)
 
     def loss_parameters(self) -> list[nn.Parameter]:
         return [self.criterion.s_x, self.criterion.s_q]

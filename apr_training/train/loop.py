@@ -3,7 +3,11 @@
 The loop does:
 
 * Adam over the trainable parameters (+ the learned loss weights) and StepLR stepped once per epoch
-  (model_spec.md §3); gradient clipping optional;
+  (model_spec.md §3); or (``optim.optimizer: adamw``, ``optim.schedule: cosine``) AdamW with a per-step cosine decay;
+  a linear warm-up (``optim.warmup_steps``) for either schedule; gradient clipping by norm optional;
+* a time budget (``run.time_budget_s``): training stops when it is spent (ending the epoch: validation and model
+  files as at an epoch end), and the cosine schedule is sized from the measured time per step (re-estimated every
+  logged window, so the LR reaches its floor when the budget does); the time used is kept across ``--resume``;
 * mixed precision on CUDA (``torch.autocast``; ``run.amp_dtype: auto`` picks bfloat16 where the GPU supports it,
   float16 with a ``GradScaler`` otherwise);
 * DDP under ``torchrun`` (``WORLD_SIZE``/``RANK``/``LOCAL_RANK``): nccl on CUDA, gloo on CPU, the epoch order split
@@ -109,6 +113,8 @@ class _Progress:
     done: bool = False
     t_start: float = 0.0
     last_epoch: dict[str, Any] = field(default_factory=dict)
+    elapsed_before: float = 0.0  # training seconds of the runs this one resumes (time budget)
+    schedule_steps: int = 1  # steps the per-step schedule spans (from the epochs, or estimated from the budget)
 
 
 class _Meter:
@@ -165,7 +171,35 @@ class Trainer:
             groups.append({"params": loss_params, "weight_decay": wd, "name": "loss"})
         if not model_params:
             raise TrainError(f"{self.task.name}: no trainable parameters (check model.freeze_exclude_phrase)")
+        if o.optimizer == "adamw":
+            return torch.optim.AdamW(groups, lr=o.lr, eps=o.eps, weight_decay=o.weight_decay)
         return torch.optim.Adam(groups, lr=o.lr, eps=o.eps, weight_decay=o.weight_decay)
+
+    def _per_step_schedule(self) -> bool:
+        o = self.cfg.optim
+        return o.schedule == "cosine" or o.warmup_steps > 0
+
+    def _lr_factor(self, step: int) -> float:
+        """LR multiplier at optimiser step ``step`` of a per-step schedule (warm-up, then StepLR by epoch or cosine)."""
+        o = self.cfg.optim
+        warm = min(1.0, 0.01 + 0.99 * step / o.warmup_steps) if o.warmup_steps > 0 else 1.0
+        if o.schedule == "step":
+            return warm * o.lr_scheduler_gamma ** (self.p.epoch // o.lr_scheduler_step_size)
+        span = max(1, self.p.schedule_steps - o.warmup_steps)
+        x = min(1.0, max(0.0, (step - o.warmup_steps) / span))
+        return warm * (o.min_lr_ratio + (1.0 - o.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * x)))
+
+    def _elapsed(self) -> float:
+        return self.p.elapsed_before + time.perf_counter() - self.p.t_start
+
+    def _update_schedule_span(self) -> None:
+        """Time budget: the steps the budget allows, from the mean time per step so far (sizes the cosine decay)."""
+        p, budget = self.p, self.cfg.run.time_budget_s
+        if budget is None or p.step <= p.start_step:
+            return
+        per_step = (time.perf_counter() - p.t_start) / (p.step - p.start_step)
+        estimate = p.step + int(max(0.0, budget - self._elapsed()) / max(per_step, 1e-6))
+        p.schedule_steps = max(1, min(estimate, p.total_steps)) if self.cfg.run.max_steps else max(1, estimate)
 
     def _loader(self, dataset: Dataset, sampler: EpochSampler):
         from apr_training.datasets.torch_datasets import make_loader
@@ -193,9 +227,15 @@ class Trainer:
         if ctx.dist.enabled:
             self.train_module = wrap_ddp(module, self.device, self.task.find_unused_parameters)
         self.opt = self._optimizer()
-        self.sched = torch.optim.lr_scheduler.StepLR(
-            self.opt, step_size=optim_cfg.lr_scheduler_step_size, gamma=optim_cfg.lr_scheduler_gamma
-        )
+        self.sched: Any
+        if self._per_step_schedule():
+            self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self._lr_factor)
+        else:
+            self.sched = torch.optim.lr_scheduler.StepLR(
+                self.opt, step_size=optim_cfg.lr_scheduler_step_size, gamma=optim_cfg.lr_scheduler_gamma
+            )
+        if self.cfg.run.time_budget_s is not None and ctx.dist.enabled:
+            raise TrainError("run.time_budget_s needs a single process (DDP ranks would stop at different steps)")
         self.use_scaler = self.amp_dtype == torch.float16
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_scaler) if self.device.type == "cuda" else None
         if saved is not None:
@@ -219,6 +259,8 @@ class Trainer:
             self.scaler.load_state_dict(saved["scaler"])
         p.epoch, p.step = int(saved["epoch"]), int(saved["step"])
         p.step_in_epoch, p.best, p.start_step = int(saved["step_in_epoch"]), saved.get("best"), p.step
+        p.elapsed_before = float(saved.get("elapsed_s", 0.0))
+        p.schedule_steps = int(saved.get("schedule_steps", p.schedule_steps))
         if int(saved.get("batch_size", self.cfg.data.batch_size)) != self.cfg.data.batch_size and p.step_in_epoch:
             log.warning("batch size changed on a mid-epoch resume: the rest of epoch %d is re-ordered", p.epoch + 1)
         per_rank = saved.get("rng_per_rank") or [saved["rng"]]
@@ -249,6 +291,8 @@ class Trainer:
             "scene_names": list(self.task.scene_names),
             "world_size": self.ctx.dist.world_size,
             "batch_size": self.cfg.data.batch_size,
+            "elapsed_s": float(self._elapsed()),
+            "schedule_steps": int(p.schedule_steps),
         }
 
     def _save_state(self) -> None:
@@ -303,6 +347,8 @@ class Trainer:
             if clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, clip)
             self.opt.step()
+        if self._per_step_schedule():
+            self.sched.step()
         step = self.p.step + 1
         self._bad = torch.where((self._bad == 0) & ~torch.isfinite(loss.detach()), step, self._bad)
         return out
@@ -322,8 +368,11 @@ class Trainer:
         rec.update(window.means())
         rec["images_per_s"] = window.images * self.ctx.dist.world_size / max(1e-9, time.perf_counter() - window.t0)
         self.metrics.write(rec)
+        self._update_schedule_span()
         elapsed = time.perf_counter() - p.t_start
         eta = elapsed / max(1, p.step - p.start_step) * max(0, p.total_steps - p.step)
+        if self.cfg.run.time_budget_s is not None:
+            eta = min(eta, max(0.0, self.cfg.run.time_budget_s - self._elapsed()))
         self.bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", eta=_fmt_time(eta), refresh=False)
         if self.is_main and not self.cfg.run.progress:
             log.info("epoch %d step %d loss %.4f lr %.2e %.1f img/s", p.epoch + 1, p.step, rec["loss"], lr,
@@ -365,6 +414,9 @@ class Trainer:
             if run.max_steps is not None and p.step >= run.max_steps:
                 p.done = True
                 break
+            if run.time_budget_s is not None and self._elapsed() >= run.time_budget_s:
+                p.done, p.stopped = True, "time_budget"
+                break
         self.bar.close()
         return epoch_meter
 
@@ -372,7 +424,8 @@ class Trainer:
         """Scheduler step, validation, the epoch record, model files and the training state."""
         self._raise_if_non_finite(meter)
         p, run, task = self.p, self.cfg.run, self.task
-        self.sched.step()
+        if not self._per_step_schedule():
+            self.sched.step()
         val = None
         if (p.epoch + 1) % run.val_every == 0 or p.epoch + 1 == self.cfg.optim.n_epochs or p.done:
             val = task.validate() if self.is_main else None
@@ -420,14 +473,18 @@ class Trainer:
         per_epoch = max(1, math.ceil(len(task.epoch_order(0)) / max(1, ctx.dist.world_size) / bs))
         p.total_steps = min(n_epochs * per_epoch, self.cfg.run.max_steps or n_epochs * per_epoch)
         p.t_start = time.perf_counter()
+        if saved is None:
+            p.schedule_steps = p.total_steps
+        if self.cfg.run.time_budget_s is not None and self._elapsed() >= self.cfg.run.time_budget_s:
+            p.done, p.stopped = True, "time_budget"  # resumed after the budget was spent
         self.metrics.write({"type": "start", "trainer": task.name, "epoch": p.epoch, "step": p.step,
                             "resumed": saved is not None, "dataset_size": len(task.dataset),
                             "scene_names": task.scene_names, "device": str(self.device),
                             "world_size": ctx.dist.world_size, "time": time.time()})  # fmt: skip
-        p.done = self.cfg.run.max_steps is not None and p.step >= self.cfg.run.max_steps
+        p.done = p.done or (self.cfg.run.max_steps is not None and p.step >= self.cfg.run.max_steps)
         while p.epoch < n_epochs and not p.done:
             meter = self._run_epoch(sampler)
-            if _epoch_complete(sampler, p.step_in_epoch, bs, self.cfg.data.drop_last):
+            if p.stopped == "time_budget" or _epoch_complete(sampler, p.step_in_epoch, bs, self.cfg.data.drop_last):
                 self._end_epoch(meter)
             else:  # max_steps inside an epoch
                 p.stopped = "max_steps"

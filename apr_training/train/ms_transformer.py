@@ -163,7 +163,7 @@ class MSTransformerTask(Task):
                                          cache_in_ram=cfg.data.cache_in_ram,
                                          cache_options=image_cache(ctx, "train"))  # fmt: skip
         loss = cfg.loss
-        criterion = CameraPoseLoss(loss.learnable, loss.s_x, loss.s_q, loss.norm)
+        criterion = CameraPoseLoss(loss.learnable, loss.s_x, loss.s_q, loss.norm, sign_invariant=loss.sign_invariant)
         self.model = model
         self.criterion = criterion
         self.module = MSTransformerStep(model, criterion, loss.scene_weight, cfg.model.freeze).to(ctx.device)

@@ -236,7 +236,9 @@ class PAETask(Task):
         self.cache = cache
         self.labels_only = LabelsOnlyDataset(labels) if cache is not None else None
         loss = cfg.loss
-        self.criterion = CameraPoseLoss(loss.learnable, loss.s_x, loss.s_q, loss.norm)
+        self.criterion = CameraPoseLoss(
+            loss.learnable, loss.s_x, loss.s_q, loss.norm, sign_invariant=loss.sign_invariant
+        )
         self.module = PAEStep(self.teacher, self.pae, self.criterion, cfg.pae.student_input, cfg.pae.pose_loss_grad,
                               cache).to(ctx.device)  # fmt: skip
         self.val_loader = None

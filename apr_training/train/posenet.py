@@ -281,7 +281,9 @@ class PoseNetTask(Task):
                                          cache_in_ram=cfg.data.cache_in_ram,
                                          cache_options=image_cache(ctx, "train"))  # fmt: skip
         loss = cfg.loss
-        self.criterion = CameraPoseLoss(loss.learnable, loss.s_x, loss.s_q, loss.norm)
+        self.criterion = CameraPoseLoss(
+            loss.learnable, loss.s_x, loss.s_q, loss.norm, sign_invariant=loss.sign_invariant
+        )
         self.model = model
         self.module = PoseNetStep(model, self.criterion).to(ctx.device)
         self.val_loader = None

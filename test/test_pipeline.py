@@ -1,0 +1,120 @@
+"""``apr-train pipeline`` end to end on a tiny dataset, killed once (SIGKILL during a stage) and resumed.
+
+Stages: split by sequence → MS-Transformer → PAE → iAPR → calibration → packaging; the result loads in the Localizer.
+
+Tiny models (transformers 1+1, 32x32 inputs, a few steps per trainer): accuracy is meaningless here, the contract
+(stages, markers, resume, files, metadata) is what is checked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from apr_training.train.pipeline import STAGES, format_report
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = [
+    "data.batch_size=4", "data.workers=0", "data.resize=36", "data.crop=32", "data.cache_in_ram=false",
+    "data.val_fraction=0.34", "data.pairs_per_frame=2", "model.t_encoder_layers=1", "model.t_decoder_layers=1",
+    "model.rot_encoder_layers=1", "model.rot_decoder_layers=1", "iapr.rpr_dim_feedforward=64",
+    "optim.warmup_steps=2", "run.n_freq_print=1", "run.checkpoint_every_steps=1",
+]  # fmt: skip
+
+
+def write_tiny_dataset(root: Path, scenes=("alpha", "beta"), seqs: int = 3, frames: int = 6, seed: int = 0) -> Path:
+    """PNG frames (64x48) of ``scenes`` x ``seqs`` sequences along a turning walk, ``intrinsics.json``, train.csv."""
+    rng = np.random.default_rng(seed)
+    rows = ["scene,split,seq,img_path,t1,t2,t3,q1,q2,q3,q4"]
+    for scene in scenes:
+        base = rng.integers(0, 255, 3)
+        for s in range(1, seqs + 1):
+            (root / scene / f"seq-{s:02d}").mkdir(parents=True, exist_ok=True)
+            for i in range(frames):
+                yaw = 2 * np.pi * (i + s / seqs) / frames
+                img = np.empty((48, 64, 3), np.uint8)
+                img[:] = base
+                x = int(28 + 24 * np.cos(yaw))
+                img[10:38, max(0, x - 6) : x + 6] = (255 - base) // 2
+                rel = f"{scene}/seq-{s:02d}/frame-{i:03d}.png"
+                cv2.imwrite(str(root / rel), img)
+                t = [np.cos(yaw), np.sin(yaw), 0.1 * s]
+                q = [np.cos(yaw / 2), 0.0, 0.0, np.sin(yaw / 2)]
+                q = np.asarray(q) * (1 if q[0] >= 0 else -1)
+                rows.append(",".join([scene, "train", f"seq-{s:02d}", rel] + [repr(float(v)) for v in [*t, *q]]))
+    (root / "intrinsics.json").write_text(json.dumps({"width": 64, "height": 48, "fx": 50.0, "fy": 50.0,
+                                                      "cx": 32.0, "cy": 24.0}))  # fmt: skip
+    csv = root / "train.csv"
+    csv.write_text("\n".join(rows) + "\n")
+    return csv
+
+
+def _command(root: Path, csv: Path, out: Path, resume: bool = False) -> list[str]:
+    cmd = [sys.executable, "-m", "apr_training.train.cli", "pipeline", "--data", str(root), "--labels", str(csv),
+           "--out", str(out), "--device", "cpu", "--max-steps", "6", "--no-progress"]  # fmt: skip
+    for item in TINY:
+        cmd += ["--set", item]
+    return cmd + (["--resume"] if resume else [])
+
+
+def test_pipeline_killed_during_a_stage_resumes_and_loads(tmp_path):
+    root = tmp_path / "data"
+    csv = write_tiny_dataset(root)
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(_command(root, csv, out), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    state = out / "ms-transformer" / "last_state.pt"
+    deadline = time.monotonic() + 600
+    while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, f"the pipeline ended before it could be killed: {proc.stderr.read()[-2000:]}"
+    killed_in_stage = not (out / "stages" / "ms-transformer.json").exists()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert killed_in_stage, "the kill should land inside the MS-Transformer stage"
+    assert (out / "stages" / "split.json").exists() and not (out / "model.safetensors").exists()
+
+    # a second run without --resume refuses to overwrite; with --resume it continues the stage from its state
+    again = subprocess.run(_command(root, csv, out), cwd=REPO, env=env, capture_output=True, text=True)
+    assert again.returncode == 1 and "--resume" in again.stderr
+    done = subprocess.run(_command(root, csv, out, resume=True), cwd=REPO, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    starts = [json.loads(ln) for ln in (out / "ms-transformer" / "metrics.jsonl").read_text().splitlines()]
+    starts = [r for r in starts if r.get("type") == "start"]
+    assert [r["resumed"] for r in starts] == [False, True]
+    assert all((out / "stages" / f"{s}.json").exists() for s in STAGES)
+    assert "held-out validation frames" in done.stdout and "chosen:" in done.stdout
+
+    # validation = whole held-out sequences, never trained on
+    train = {tuple(ln.split(",")[:3:2]) for ln in (out / "split_train.csv").read_text().splitlines()[1:]}
+    val = {tuple(ln.split(",")[:3:2]) for ln in (out / "split_val.csv").read_text().splitlines()[1:]}
+    assert val and not (train & val)
+
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["accuracy"]) == {"ms_transformer", "iapr_1", "iapr_2", "iapr_3"}
+    assert {"auroc", "coverage_at_95_precision", "within_1sigma", "within_2sigma"} <= set(report["uncertainty"])
+    assert report["chosen"] in {c["score"] for c in report["candidates"]}
+    assert format_report(report).count("\n") >= 6
+
+    from apr_localizer.checkpoints import load_model
+    from apr_localizer.localizer import Localizer, LocalizerOptions
+
+    bundle = load_model(out / "model.safetensors")
+    assert bundle.uncertainty is not None and bundle.uncertainty.score == report["chosen"]
+    assert bundle.camera is not None and bundle.camera["fx"] == 50.0
+    loc = Localizer.from_files(out / "model.safetensors", options=LocalizerOptions(backend="torch", device="cpu"))
+    est = loc.localize(cv2.cvtColor(cv2.imread(str(root / "alpha/seq-01/frame-000.png")), cv2.COLOR_BGR2RGB))
+    assert est.is_finite() and est.sigma_position_m is not None and est.score_name == report["chosen"]
+    loc.close()

@@ -14,8 +14,8 @@ from PIL import Image
 from apr_localizer.checkpoints import read_metadata, save_model, save_official_checkpoint
 from apr_localizer.localizer import Localizer, LocalizerOptions
 from apr_training.datasets.labels import LabelRow, write_labels
-from apr_training.export_cli import format_parity
-from apr_training.export_cli import main as export_main
+from apr_training.deploy import format_parity
+from apr_training.deploy import main as export_main
 
 pytest.importorskip("onnxruntime", reason="apr-export checks parity with ONNX Runtime")
 
@@ -151,7 +151,7 @@ def test_export_builds_each_tensorrt_engine_once_on_the_target(models, tmp_path,
 
 
 def test_export_library_takes_an_options_dataclass(models, tmp_path):
-    from apr_training.export_cli import ExportOptions, export_deployment
+    from apr_training.deploy import ExportOptions, export_deployment
 
     status, info = export_deployment(ExportOptions(model=models["bundle"], out=tmp_path / "d", parity_images=1))
     assert status == 0 and info["parity"]["passed"] and info["onnx"]["node_default"]

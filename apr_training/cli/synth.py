@@ -1,7 +1,8 @@
 """``apr-synth``: render the synthetic multi-scene benchmark, write ROS 2 bags, benchmark the renderer.
 
-Subcommands: ``dataset`` (label-CSV dataset), ``bag`` (one trajectory into a rosbag2 bag), ``bench`` (renderer
-frames/s per core), ``info`` (summary of any bag), ``extract`` (bag -> label-CSV dataset).
+Subcommands: ``dataset`` (label-CSV dataset; ``--mapping``: mapping-run training sequences), ``bag`` (one trajectory
+into a rosbag2 bag), ``bench`` (renderer frames/s per core), ``info`` (summary of any bag), ``extract`` (bag ->
+label-CSV dataset), ``coverage`` (test frames with a training frame within 0.5 m / 20°).
 """
 
 from __future__ import annotations
@@ -19,12 +20,15 @@ import numpy as np
 
 from apr_localizer.fileio import atomic_write_text
 
+from ..synthetic.mapping import MappingParams
 from ..synthetic.scenes import SCENE_STYLES
 
 __all__ = ["build_parser", "synth_main"]
 
 _EPILOG = """examples:
   apr-synth dataset --out data/synthetic --scenes office,kitchen,library,warehouse --frames 300 --workers 2
+  apr-synth dataset --out data/mapping --mapping --train-seqs 3 --test-seqs 1 --fps 2 --frames 250
+  apr-synth coverage --train data/mapping/synthetic_train.csv --test data/mapping/synthetic_test.csv
   apr-synth bag --out bags/office_test --scene office --frames 300 --fps 30 --storage mcap --compressed
   apr-synth bag --out bags/office_tf --scene office --tf chain --tf-rate 100 --no-pose-topic
   apr-synth bench --frames 20 --json bench.json
@@ -70,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = p.add_subparsers(dest="command", required=True, metavar="{dataset,bag,bench,info,extract}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{dataset,bag,bench,info,extract,coverage}")
     scene_help = f"comma-separated scene names from: {', '.join(SCENE_STYLES)}"
 
     d = sub.add_parser(
@@ -94,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--lighting-variation", type=float, default=1.0, help="0 disables per-sequence/per-frame lighting changes"
     )
     d.add_argument("--depth", action="store_true", help="also write frame-*.depth.png (uint16 millimetres)")
+    d.add_argument("--mapping", action="store_true",
+                   help="training sequences are mapping runs: lawn-mower tours of the free space with 360-degree "
+                   "look-arounds (length set by the room; --frames then applies to the test sequences); the coverage "
+                   "of the test frames is reported")  # fmt: skip
+    d.add_argument("--lane-spacing", type=float, default=1.0, help="--mapping: distance between lanes (m)")
     d.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out")
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -154,6 +163,14 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="topics, types, type hashes, counts and duration of a bag")
     i.add_argument("bag", type=Path)
 
+    c = sub.add_parser("coverage", help="fraction of test frames with a training frame within 0.5 m / 20 deg",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    c.add_argument("--train", required=True, type=Path, help="training label CSV")
+    c.add_argument("--test", required=True, type=Path, help="test label CSV (per scene)")
+    c.add_argument("--distance", type=float, default=0.5, help="position threshold (m)")
+    c.add_argument("--angle", type=float, default=20.0, help="orientation threshold (deg)")
+    c.add_argument("--json", type=Path, help="also write the numbers as JSON")
+
     e = sub.add_parser(
         "extract",
         help="bag -> label-CSV dataset (images matched to ground truth by stamp)",
@@ -203,11 +220,35 @@ def _cmd_dataset(a: argparse.Namespace, argv: Sequence[str]) -> int:
         overwrite=a.overwrite,
         progress=not a.no_progress,
         command="apr-synth " + shlex.join(argv),
+        mapping=MappingParams(lane_spacing_m=a.lane_spacing) if a.mapping else None,
     )
     print(
         f"wrote {summary['frames']['train']} train + {summary['frames']['test']} test frames of "
         f"{', '.join(scenes)} to {a.out} in {summary['render_seconds']:.1f} s"
     )
+    for name, c in summary["coverage"].items():
+        print(_format_coverage(name, c))
+    return 0
+
+
+def _format_coverage(name: str, c: dict) -> str:
+    return (f"coverage {name}: {c['fraction']:.0%} of {c['frames']} test frames have a training frame within "
+            f"{c['max_distance_m']:g} m / {c['max_angle_deg']:g} deg (nearest position median "
+            f"{c['nearest_position_median_m']:.2f} m)")  # fmt: skip
+
+
+def _cmd_coverage(a: argparse.Namespace) -> int:
+    from ..datasets.labels import read_labels
+    from ..synthetic.mapping import coverage
+
+    train, test = read_labels(a.train), read_labels(a.test)
+    out = {}
+    for name in sorted(set(test.scene)):
+        tr, te = train.where(scene=name), test.where(scene=name)
+        out[name] = coverage(te.unit_poses(), tr.unit_poses(), a.distance, a.angle).to_dict()
+        print(_format_coverage(name, out[name]))
+    if a.json:
+        atomic_write_text(a.json, json.dumps(out, indent=2) + "\n")
     return 0
 
 
@@ -383,6 +424,8 @@ def synth_main(argv: Sequence[str] | None = None) -> int:
             return _cmd_bench(a)
         if a.command == "info":
             return _cmd_info(a)
+        if a.command == "coverage":
+            return _cmd_coverage(a)
         return _cmd_extract(a)
     except (ValueError, FileExistsError, RuntimeError, LookupError) as exc:
         print(f"apr-synth {a.command}: error: {exc}", file=sys.stderr)

@@ -9,7 +9,9 @@ Layout written by :func:`write_dataset` under ``out_dir``::
     intrinsics.json, dataset.json
 
 Train and test sequences are different trajectories (different sequence numbers: train ``seq-01..``, test
-continues the numbering) over the same walkable area of each scene.
+continues the numbering) over the same walkable area of each scene. With ``mapping`` (``apr-synth dataset
+--mapping``) the training sequences are mapping runs (:mod:`.mapping`: lawn-mower tours with 360° look-arounds, their
+length set by the room) and ``dataset.json`` reports the coverage of each scene's test frames by its training frames.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from apr_localizer.fileio import atomic_path, atomic_write_text
 from apr_localizer.geometry import pose_to_matrix
 
 from ..datasets.labels import LabelRow, write_labels
+from .mapping import MappingParams, coverage, mapping_poses
 from .render import Intrinsics, render_buffers
 from .scenes import Lighting, make_scene, stable_seed, vary_lighting
 from .trajectory import Trajectory, TrajectoryParams, sequence_trajectory
@@ -94,7 +97,11 @@ def make_sequence_trajectory(
     return sequence_trajectory(scene, seq_index, duration, seed, params)
 
 
-def _sequence_poses(plan: SequencePlan, seed: int, fps: float, params: TrajectoryParams | None):
+def _sequence_poses(
+    plan: SequencePlan, seed: int, fps: float, params: TrajectoryParams | None, mapping: MappingParams | None = None
+):
+    if mapping is not None and plan.split == "train":
+        return mapping_poses(make_scene(plan.scene, seed), plan.index, fps, seed, mapping)
     return make_sequence_trajectory(plan.scene, plan.index, plan.n_frames, fps, seed, params).sample(plan.n_frames, fps)
 
 
@@ -162,8 +169,13 @@ def write_dataset(
     progress: bool = True,
     command: str | None = None,
     params: TrajectoryParams | None = None,
+    mapping: MappingParams | None = None,
 ) -> dict:
     """Render a synthetic multi-scene dataset; returns the ``dataset.json`` summary (also written to disk).
+
+    With ``mapping`` the training sequences are mapping runs sampled at ``fps`` (their frame count follows from the
+    room; ``frames_per_seq`` applies to the test sequences) and the summary holds ``coverage[scene]``
+    (:func:`.mapping.coverage` of the test frames by the training frames, 0.5 m / 20°).
 
     ``fps`` is the frame rate along each trajectory (lower = more distinct views per frame); ``workers`` processes
     render in parallel (1 renders in this process). Existing label CSVs in ``out_dir`` raise ``FileExistsError``
@@ -194,8 +206,9 @@ def write_dataset(
 
     rows: dict[str, list[LabelRow]] = {"train": [], "test": []}
     tasks = []
-    for plan in plans:
-        _, poses = _sequence_poses(plan, seed, fps, params)
+    for j, plan in enumerate(plans):
+        _, poses = _sequence_poses(plan, seed, fps, params, mapping)
+        plan = plans[j] = SequencePlan(plan.scene, plan.split, plan.index, len(poses))
         lights = [
             lt.to_dict() for lt in frame_lightings(plan.scene, seed, plan.index, plan.n_frames, lighting_variation)
         ]
@@ -238,6 +251,11 @@ def write_dataset(
 
     for split, path in (("train", train_csv), ("test", test_csv)):
         write_labels(path, rows[split])
+    cover = {}
+    for name in scenes:
+        train_p, test_p = ([r.pose for r in rows[sp] if r.scene == name] for sp in ("train", "test"))
+        if train_p and test_p:
+            cover[name] = coverage(np.array(test_p), np.array(train_p)).to_dict()
     atomic_write_text(out / "intrinsics.json", json.dumps(k.to_dict(width, height), indent=2) + "\n")
     summary = {
         "generator": "apr_training.synthetic",
@@ -254,6 +272,8 @@ def write_dataset(
         "depth": save_depth,
         "sequences": [{"scene": p.scene, "split": p.split, "seq": p.seq, "frames": p.n_frames} for p in plans],
         "frames": {"train": len(rows["train"]), "test": len(rows["test"])},
+        "train_trajectory": "mapping" if mapping is not None else "handheld",
+        "coverage": cover,
         "label_csv": {"train": train_csv.name, "test": test_csv.name},
         "intrinsics": k.to_dict(width, height),
         "render_seconds": round(elapsed, 3),

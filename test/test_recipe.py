@@ -1,0 +1,167 @@
+"""The robot training recipe (issue 11 item 1).
+
+Sign-invariant loss in the trainers, augmentation strengths, AdamW/warm-up/cosine/time budget, the validation split
+by sequence and the APR-error-matched iAPR pairs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+from test_pipeline import write_tiny_dataset
+
+from apr_localizer.geometry import pose_errors, relative_pose
+from apr_training.datasets.labels import LabelError, read_labels, split_by_sequence
+from apr_training.datasets.pairs import error_matched_pairs
+from apr_training.datasets.transforms import TrainTransform
+from apr_training.train.config import ConfigError, TrainConfig, apply_overrides, load_config
+from apr_training.train.helpers import train_transform
+from apr_training.train.task import Context, Paths
+
+TINY = ["data.workers=0", "data.resize=36", "data.crop=32", "data.cache_in_ram=false", "model.t_encoder_layers=1",
+        "model.t_decoder_layers=1", "model.rot_encoder_layers=1", "model.rot_decoder_layers=1"]  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------- loss
+SIGN_CASES = [("robot", True), ("7scenes_ms_transformer", False), ("cambridge_ms_transformer", False),
+              ("synthetic", False)]  # fmt: skip
+
+
+@pytest.mark.parametrize(("config", "invariant"), SIGN_CASES)
+def test_trainer_loss_sign_invariance_follows_the_recipe(tmp_path, config, invariant):
+    """Flipping the label quaternion's sign changes the trainer's loss only in the spec-faithful recipes.
+
+    The robot recipe's loss is invariant; the official recipes keep the spec's loss unchanged.
+    """
+    from apr_training.train.ms_transformer import MSTransformerTask
+
+    csv = write_tiny_dataset(tmp_path / "d", seqs=2, frames=2)
+    cfg = apply_overrides(load_config(config, "ms-transformer"), TINY)
+    assert cfg.loss.sign_invariant is invariant
+    task = MSTransformerTask(Context("ms-transformer", cfg, Paths(out=tmp_path / "o", labels=csv, data=tmp_path / "d")))
+    task.setup()
+    task.module.eval()
+    items = [task.dataset[i] for i in range(4)]
+    batch = {k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in ("image", "pose", "scene")}
+    flipped = dict(batch, pose=torch.cat([batch["pose"][:, :3], -batch["pose"][:, 3:]], dim=1))
+    with torch.no_grad():
+        a, b = task.module(batch), task.module(flipped)
+    if invariant:
+        assert torch.allclose(a["loss"], b["loss"]) and torch.allclose(a["l_q"], b["l_q"])
+    else:
+        assert not torch.allclose(a["l_q"], b["l_q"])
+    assert task.criterion.sign_invariant is invariant
+
+
+def test_every_pose_trainer_builds_its_loss_with_the_flag():
+    import inspect
+
+    from apr_training.train import iapr, ms_transformer, pae, posenet
+
+    for module in (ms_transformer, pae, iapr, posenet):
+        src = inspect.getsource(module)
+        built = len(re.findall(r"CameraPoseLoss\(\s*loss\.learnable", src))
+        assert built >= 1 and built == src.count("sign_invariant=loss.sign_invariant"), module.__name__
+
+
+# --------------------------------------------------------------------------------------------- config / transforms
+def test_robot_recipe_loads_for_every_trainer_and_differs_from_the_spec_where_documented():
+    for trainer in ("ms-transformer", "pae", "iapr"):
+        cfg = load_config("robot", trainer)
+        assert cfg.loss.sign_invariant and cfg.optim.optimizer == "adamw" and cfg.optim.schedule == "cosine"
+        assert cfg.data.jitter_hue <= 0.05 and cfg.data.val_fraction > 0 and cfg.data.pair_mode == "apr_errors"
+    spec = load_config(None, "ms-transformer")
+    assert (spec.optim.optimizer, spec.optim.schedule, spec.optim.warmup_steps) == ("adam", "step", 0)
+    assert (spec.data.jitter_brightness, spec.data.jitter_hue, spec.data.crop_scale_min) == (0.5, 0.2, 1.0)
+    with pytest.raises(ConfigError, match="data.jitter_hue"):
+        apply_overrides(spec, ["data.jitter_hue=0.7"])
+    with pytest.raises(ConfigError, match="optim.optimizer"):
+        apply_overrides(spec, ["optim.optimizer=sgd"])
+
+
+def test_augmentation_strengths_reach_the_transform():
+    cfg = apply_overrides(TrainConfig(), ["data.jitter_hue=0.03", "data.jitter_brightness=0.1", "data.resize=40",
+                                          "data.crop=32", "data.crop_scale_min=0.5"])  # fmt: skip
+    t = train_transform(cfg)
+    assert isinstance(t, TrainTransform)
+    jitter = [op for op in t.pipeline.transforms if type(op).__name__ == "ColorJitter"][0]
+    assert jitter.hue == pytest.approx((-0.03, 0.03)) and jitter.brightness == pytest.approx((0.9, 1.1))
+    crop = [op for op in t.pipeline.transforms if type(op).__name__ == "RandomResizedCrop"][0]
+    assert crop.scale == pytest.approx((0.5 * 32 / 40, 32 / 40))
+    img = np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)
+    assert t(img).shape == (3, 32, 32)
+    spec = train_transform(TrainConfig())
+    assert [type(op).__name__ for op in spec.pipeline.transforms][:2] == ["Resize", "RandomCrop"]
+
+
+# --------------------------------------------------------------------------------------------- optimiser / schedule
+def _trainer(tmp_path, overrides):
+    from apr_training.train.loop import Trainer
+    from apr_training.train.ms_transformer import MSTransformerTask
+
+    csv = write_tiny_dataset(tmp_path / "d", seqs=2, frames=2)
+    cfg = apply_overrides(load_config("robot", "ms-transformer"), [*TINY, "data.batch_size=4", "run.progress=false",
+                                                                   "data.val_fraction=0.0", *overrides])  # fmt: skip
+    task = MSTransformerTask(Context("ms-transformer", cfg, Paths(out=tmp_path / "o", labels=csv, data=tmp_path / "d")))
+    (tmp_path / "o").mkdir()
+    task.setup()
+    return Trainer(task)
+
+
+def test_warmup_then_cosine_to_the_floor(tmp_path):
+    tr = _trainer(tmp_path, ["optim.warmup_steps=10", "optim.min_lr_ratio=0.1"])
+    tr._build(None)
+    assert isinstance(tr.opt, torch.optim.AdamW)
+    tr.p.schedule_steps = 110
+    f = [tr._lr_factor(s) for s in range(0, 111)]
+    assert f[0] == pytest.approx(0.01) and f[10] == pytest.approx(1.0)
+    assert all(b >= a for a, b in zip(f[:10], f[1:11]))  # warm-up rises
+    assert all(b <= a + 1e-12 for a, b in zip(f[10:], f[11:]))  # cosine falls
+    assert f[60] == pytest.approx(0.1 + 0.9 * 0.5) and f[110] == pytest.approx(0.1)
+
+
+def test_time_budget_stops_training_and_is_reported(tmp_path):
+    tr = _trainer(tmp_path, ["run.time_budget_s=0.01", "optim.n_epochs=50"])
+    result = tr.run()
+    assert result.stopped == "time_budget" and result.epochs == 1
+    assert json.loads((tmp_path / "o" / "summary.json").read_text())["stopped"] == "time_budget"
+
+
+# --------------------------------------------------------------------------------------------- validation split
+def test_split_by_sequence_holds_out_whole_sequences(tmp_path):
+    table = read_labels(write_tiny_dataset(tmp_path, seqs=5, frames=3), dataset_root=tmp_path)
+    train, val = split_by_sequence(table, val_fraction=0.2, seed=3)
+    held = set(zip(val.scene, val.seq))
+    assert held and not held & set(zip(train.scene, train.seq))
+    assert len(train) + len(val) == len(table) and {s for s, _ in held} == {"alpha", "beta"}  # one per scene
+    assert train.scenes == val.scenes == table.scenes
+    _, named = split_by_sequence(table, val_sequences=["seq-02", "beta/seq-04"])
+    assert set(zip(named.scene, named.seq)) == {("alpha", "seq-02"), ("beta", "seq-02"), ("beta", "seq-04")}
+    with pytest.raises(LabelError, match="seq-99"):
+        split_by_sequence(table, val_sequences=["seq-99"])
+    one = read_labels(write_tiny_dataset(tmp_path / "one", seqs=1, frames=3), dataset_root=tmp_path / "one")
+    with pytest.raises(LabelError, match="no sequence to hold out"):
+        split_by_sequence(one, val_fraction=0.5)
+
+
+# --------------------------------------------------------------------------------------------- iAPR pairs
+def test_error_matched_pairs_draw_from_the_measured_errors(tmp_path):
+    table = read_labels(write_tiny_dataset(tmp_path, seqs=2, frames=10), dataset_root=tmp_path)
+    e_t, e_r = np.array([0.2, 0.5, 1.0]), np.array([5.0, 10.0, 40.0])
+    pairs = error_matched_pairs(table, e_t, e_r, pairs_per_frame=50, scale=1.5, seed=1)
+    assert len(pairs) == 50 * len(table) and pairs.img_path_a == pairs.img_path_b
+    np.testing.assert_allclose(relative_pose(pairs.pose_a, pairs.pose_b), pairs.rel_ab, atol=1e-9)
+    dt, dr = pose_errors(pairs.pose_b, pairs.pose_a)
+    assert dt.max() <= 1.5 * 1.0 + 1e-9 and dr.max() <= 1.5 * 40.0 + 1e-6
+    # the offset and the angle of a pair come from the same measured frame: dr / dt is one of the measured ratios
+    ratio = (dr / np.maximum(dt, 1e-12))[dt > 0.02]
+    nearest = np.abs(ratio[:, None] - (e_r / e_t)[None, :]).min(axis=1)
+    assert np.all(nearest < 1e-3 * ratio) and len(np.unique(np.round(ratio))) == 3
+    # u ~ U(0, 1.5): the mean offset is 0.75 x the mean measured error
+    assert abs(dt.mean() - 0.75 * e_t.mean()) < 0.05 and abs(dr.mean() - 0.75 * e_r.mean()) < 1.5
+    assert math.isclose(np.linalg.norm(pairs.pose_b[:, 3:], axis=1).mean(), 1.0, rel_tol=1e-9)

@@ -13,9 +13,9 @@ from PIL import Image
 
 from apr_localizer.checkpoints import read_metadata, save_model, save_official_checkpoint
 from apr_localizer.localizer import Localizer, LocalizerOptions
+from apr_training.cli.export import main as export_main
 from apr_training.datasets.labels import LabelRow, write_labels
 from apr_training.deploy import format_parity
-from apr_training.deploy import main as export_main
 
 pytest.importorskip("onnxruntime", reason="apr-export checks parity with ONNX Runtime")
 

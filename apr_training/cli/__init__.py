@@ -1,7 +1,7 @@
 """Console scripts of apr_training: one module per command, imported lazily by the entry points below.
 
 ``apr-train`` (:mod:`apr_training.train.cli`), ``apr-eval`` (:mod:`.eval`), ``apr-export``
-(:mod:`apr_training.deploy`), ``apr-bench`` (:mod:`.bench`; ``apr-bench node`` →
+(:mod:`.export`, library :mod:`apr_training.deploy`), ``apr-bench`` (:mod:`.bench`; ``apr-bench node`` →
 :mod:`.bench_node`), ``apr-synth`` (:mod:`.synth`), ``apr-eval-bag``
 (:mod:`.eval_bag`); ``python -m apr_training.cli.bag_player`` plays a bag. Shared argparse groups and the
 error-to-exit-code helper live in :mod:`.args`. Nothing else imports this package.
@@ -16,7 +16,7 @@ from collections.abc import Sequence
 _COMMANDS = {
     "train": ("apr_training.train.cli", "main"),
     "eval": ("apr_training.cli.eval", "main"),
-    "export": ("apr_training.deploy", "main"),
+    "export": ("apr_training.cli.export", "main"),
     "bench": ("apr_training.cli.bench", "main"),
     "synth": ("apr_training.cli.synth", "synth_main"),
     "eval_bag": ("apr_training.cli.eval_bag", "main"),

@@ -39,7 +39,7 @@ setup(
             "apr-synth = apr_training.cli:synth_main",
             "apr-eval-bag = apr_training.cli:eval_bag_main",
             "apr-pairs = apr_training.datasets.pairs:pairs_main",
-            "apr-data = apr_training.datasets.prepare:main",
+            "apr-data = apr_training.cli.data:main",
         ],
     },
 )

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from apr_training.datasets.prepare import PrepareError, PrepareOptions, main, prepare
+from apr_training.cli.data import main
+from apr_training.datasets.prepare import PrepareError, PrepareOptions, prepare
 
 SEVEN = {"chess": {"train": [1, 2], "test": [3]}, "heads": {"train": [1], "test": [2]}}
 FRAMES = 3

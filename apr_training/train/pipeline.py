@@ -23,6 +23,7 @@ trainer continues from its ``last_state.pt``, calibration and packaging are redo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -54,8 +55,8 @@ OK_POSITION_M, OK_ORIENTATION_DEG = 1.0, 15.0  # "ok" for coverage_at_95_precisi
 class PipelineOptions:
     """Inputs of :func:`run_pipeline` (what ``apr-train pipeline`` parses)."""
 
-    data: Path
-    labels: Path
+    data: Path | None  # root the CSV image paths are relative to; None: each CSV's folder
+    labels: list[Path]  # one or more label CSVs (e.g. one per extracted mapping-run bag)
     out: Path
     time_budget_min: float | None = None
     device: str = "auto"
@@ -66,6 +67,8 @@ class PipelineOptions:
     backbone_weights: str | None = None
     max_steps: int | None = None  # per trainer (smoke runs and tests)
     progress: bool = True
+    fp16: bool = False  # model.safetensors with float16 weights (half the size; what the demo ships)
+    command: str | None = None  # recorded in the model's provenance (how to reproduce it)
 
 
 # --------------------------------------------------------------------------------------------- stage markers
@@ -83,12 +86,31 @@ def _mark(out: Path, stage: str, info: dict[str, Any]) -> None:
 
 
 # --------------------------------------------------------------------------------------------- stages
-def _split(opts: PipelineOptions) -> None:
+def _root(opts: PipelineOptions) -> Path:
+    """Dataset root of the merged labels: ``--data``, else the deepest folder holding every CSV's folder."""
+    import os
+
+    if opts.data is not None:
+        return opts.data
+    return Path(os.path.commonpath([str(p.resolve().parent) for p in opts.labels]))
+
+
+def _split(opts: PipelineOptions, root: Path) -> None:
+    """Merge the label CSVs (image paths made relative to ``root``) and hold out whole sequences for validation."""
+    import os
+
+    from apr_training.datasets.labels import read_labels, write_labels
+
     from .config import apply_overrides, load_config
     from .helpers import write_val_split
 
+    rows = []
+    for csv in opts.labels:
+        table = read_labels(csv, dataset_root=opts.data)  # --data, else the CSV's own folder
+        rows += [r._replace(img_path=os.path.relpath(table.image_path(i), root)) for i, r in enumerate(table.rows())]
+    write_labels(opts.out / "labels.csv", rows)
     cfg = apply_overrides(load_config(opts.config, "ms-transformer"), opts.overrides)
-    train_csv, val_csv, _ = write_val_split(opts.labels, opts.data, opts.out, cfg)
+    train_csv, val_csv, _ = write_val_split(opts.out / "labels.csv", root, opts.out, cfg)
     _mark(opts.out, "split", {"train": str(train_csv), "val": str(val_csv)})
 
 
@@ -241,12 +263,13 @@ def _calibrate(opts: PipelineOptions) -> dict[str, Any]:
     return report
 
 
-def _camera(data: Path) -> dict[str, Any] | None:
-    path = data / "intrinsics.json"
-    if not path.is_file():
-        log.warning("pipeline: %s is missing: the model carries no training camera", path)
-        return None
-    return json.loads(path.read_text(encoding="utf-8"))
+def _camera(opts: PipelineOptions) -> dict[str, Any] | None:
+    """``intrinsics.json`` of the dataset root, else of the first CSV folder that has one (apr-synth, extraction)."""
+    for folder in [opts.data, *(p.parent for p in opts.labels)]:
+        if folder is not None and (folder / "intrinsics.json").is_file():
+            return json.loads((folder / "intrinsics.json").read_text(encoding="utf-8"))
+    log.warning("pipeline: no intrinsics.json next to the data: the model carries no training camera")
+    return None
 
 
 def _package(opts: PipelineOptions, report: dict[str, Any]) -> Path:
@@ -258,11 +281,14 @@ def _package(opts: PipelineOptions, report: dict[str, Any]) -> Path:
     b = load_model(opts.out / "iapr" / "best.safetensors")
     cal = Calibration.from_dict(report["calibration"])
     prov = dict(b.provenance or {})
-    prov["pipeline"] = {"labels": str(opts.labels), "config": opts.config, "overrides": opts.overrides,
+    prov["pipeline"] = {"labels": [str(p) for p in opts.labels], "config": opts.config, "overrides": opts.overrides,
                         "time_budget_min": opts.time_budget_min, "validation": report.get("accuracy")}  # fmt: skip
+    if opts.command:
+        prov["reproduce"] = opts.command
     path = opts.out / "model.safetensors"
-    save_model(path, b.apr, b.iapr, b.pae, b.scene_names, b.preprocess, prov, torch.float32, uncertainty=cal,
-               camera=_camera(opts.data))  # fmt: skip
+    dtype = torch.float16 if opts.fp16 else torch.float32
+    save_model(path, b.apr, b.iapr, b.pae, b.scene_names, b.preprocess, prov, dtype, uncertainty=cal,
+               camera=_camera(opts))  # fmt: skip
     atomic_write_text(opts.out / "report.json", json.dumps(report, indent=2) + "\n")
     _mark(opts.out, "package", {"model": str(path)})
     return path
@@ -291,8 +317,10 @@ def format_report(report: dict[str, Any]) -> str:
 def run_pipeline(opts: PipelineOptions) -> dict[str, Any]:
     """Run every stage not yet marked done; return the report (also ``<out>/report.json``)."""
     out = opts.out
-    if not opts.labels.is_file():
-        raise TrainError(f"--labels {opts.labels} does not exist; expected a label CSV")
+    for csv in opts.labels:
+        if not csv.is_file():
+            raise TrainError(f"--labels {csv} does not exist; expected a label CSV")
+    root = _root(opts)
     if any(_done(out, s) for s in STAGES) and not opts.resume:
         raise TrainError(
             f"--out {out} already holds a pipeline run; pass --resume to continue it or choose another --out"
@@ -300,7 +328,8 @@ def run_pipeline(opts: PipelineOptions) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     if not _done(out, "split"):
-        _split(opts)
+        _split(opts, root)
+    opts = dataclasses.replace(opts, data=root)  # the merged CSVs' image paths are relative to the root
     ms = out / "ms-transformer" / "best.safetensors"
     pae = out / "pae" / "best.safetensors"
     if not _done(out, "ms-transformer"):
@@ -323,8 +352,11 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="example: apr-train pipeline --data data/space --labels data/space/train.csv "
                                        "--out runs/space --time-budget 40")  # fmt: skip
-    p.add_argument("--data", type=Path, required=True, help="dataset root the CSV image paths are relative to")
-    p.add_argument("--labels", type=Path, required=True, help="label CSV of the recorded space (several sequences)")
+    p.add_argument("--data", type=Path, help="dataset root the CSV image paths are relative to (default: each CSV's "
+                   "own folder)")  # fmt: skip
+    p.add_argument("--labels", type=Path, nargs="+", required=True,
+                   help="label CSV(s) of the recorded space (several sequences per scene; e.g. one CSV per extracted "
+                   "mapping-run bag)")  # fmt: skip
     p.add_argument("--out", type=Path, required=True, help="output directory (model.safetensors, report.json, ...)")
     p.add_argument("--time-budget", type=float, help="minutes for the whole pipeline (65/5/20 %% to the trainers)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="training and calibration device")
@@ -335,6 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone-weights", help="MS-Transformer backbone initialisation ('imagenet' or a file)")
     p.add_argument("--max-steps", type=int, help="per trainer (smoke runs)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    p.add_argument("--fp16", action="store_true", help="write model.safetensors with float16 weights (half the size)")
+    p.add_argument("--command", help="how to reproduce the model, recorded in its provenance")
     return p
 
 
@@ -347,10 +381,11 @@ def pipeline_main(argv: Sequence[str]) -> int:
     from .config import ConfigError
 
     a = build_parser().parse_args(list(argv))
-    opts = PipelineOptions(data=a.data, labels=a.labels, out=a.out, time_budget_min=a.time_budget, device=a.device,
-                           resume=a.resume, config=a.config, overrides=list(a.set), iterations=a.iterations,
-                           backbone_weights=a.backbone_weights, max_steps=a.max_steps,
-                           progress=not a.no_progress)  # fmt: skip
+    opts = PipelineOptions(data=a.data, labels=list(a.labels), out=a.out, time_budget_min=a.time_budget,
+                           device=a.device, resume=a.resume, config=a.config, overrides=list(a.set),
+                           iterations=a.iterations, backbone_weights=a.backbone_weights, max_steps=a.max_steps,
+                           progress=not a.no_progress, fp16=a.fp16,
+                           command=a.command or "apr-train pipeline " + " ".join(argv))  # fmt: skip
     try:
         run_pipeline(opts)
     except (ConfigError, TrainError, LabelError, CheckpointError, CalibrationError, FileNotFoundError) as e:

@@ -256,7 +256,7 @@ def diagnostic_level(w: DiagWindow, topic: str) -> tuple[int, str]:
         return WARN, f"no images on {topic}"
     if w.published == 0 and w.failed >= w.received:
         return ERROR, f"every frame fails: {w.last_failure or 'see the counters'}"
-    if w.published == 0 and w.gated > 0 and w.gated + w.failed >= w.received:
+    if w.published == 0 and w.gated > 0:  # frames the mailbox replaced are not counted against the estimates
         return WARN, f"every estimate is gated as too uncertain: {w.last_gated or 'see the counters'}"
     if w.published == 0:
         return WARN, "frames arrive but no estimate is published (low confidence, stale, filtered or still running)"

@@ -103,7 +103,7 @@ def test_intrinsics_mismatch_scales_to_the_live_resolution():
         (DiagWindow(10, 10, 0, 10.0, 5.0, 2.5, 1.0), WARN, "delay"),
         (DiagWindow(10, 10, 0, 10.0, 5.0, 0.1, 1.0), OK, "localizing"),
         (DiagWindow(10, 0, 2, 0.0, 0.0, math.nan, 1.0, "", 8, "sigma 3 m"), WARN, "gated as too uncertain: sigma 3 m"),
-        (DiagWindow(10, 0, 0, 0.0, 0.0, math.nan, 1.0, "", 4), WARN, "no estimate is published"),  # others filtered
+        (DiagWindow(30, 0, 0, 0.0, 0.0, math.nan, 1.0, "", 4), WARN, "every estimate is gated"),  # 26 frames replaced
     ],
 )
 def test_diagnostic_level(window, level, text):

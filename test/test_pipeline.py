@@ -68,7 +68,10 @@ def _command(root: Path, csv: Path, out: Path, resume: bool = False) -> list[str
     return cmd + (["--resume"] if resume else [])
 
 
-def test_pipeline_killed_during_a_stage_resumes_and_loads(tmp_path):
+@pytest.fixture(scope="module")
+def killed_and_resumed(tmp_path_factory):
+    """Run the pipeline, SIGKILL it inside the MS-Transformer stage, check the refusal without --resume, resume."""
+    tmp_path = tmp_path_factory.mktemp("pipeline")
     root = tmp_path / "data"
     csv = write_tiny_dataset(root)
     out = tmp_path / "run"
@@ -91,11 +94,16 @@ def test_pipeline_killed_during_a_stage_resumes_and_loads(tmp_path):
     assert again.returncode == 1 and "--resume" in again.stderr
     done = subprocess.run(_command(root, csv, out, resume=True), cwd=REPO, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
+    return root, out, done.stdout
+
+
+def test_pipeline_killed_during_a_stage_resumes_and_loads(killed_and_resumed):
+    root, out, stdout = killed_and_resumed
     starts = [json.loads(ln) for ln in (out / "ms-transformer" / "metrics.jsonl").read_text().splitlines()]
     starts = [r for r in starts if r.get("type") == "start"]
     assert [r["resumed"] for r in starts] == [False, True]
     assert all((out / "stages" / f"{s}.json").exists() for s in STAGES)
-    assert "held-out validation frames" in done.stdout and "chosen:" in done.stdout
+    assert "held-out validation frames" in stdout and "chosen:" in stdout
 
     # validation = whole held-out sequences, never trained on
     train = {tuple(ln.split(",")[:3:2]) for ln in (out / "split_train.csv").read_text().splitlines()[1:]}
@@ -118,3 +126,57 @@ def test_pipeline_killed_during_a_stage_resumes_and_loads(tmp_path):
     est = loc.localize(cv2.cvtColor(cv2.imread(str(root / "alpha/seq-01/frame-000.png")), cv2.COLOR_BGR2RGB))
     assert est.is_finite() and est.sigma_position_m is not None and est.score_name == report["chosen"]
     loc.close()
+
+
+@pytest.mark.ros
+def test_the_pipeline_model_runs_in_a_real_node(killed_and_resumed, tmp_path):
+    """The node loads DIR/model.safetensors and publishes the calibrated sigma^2 the Localizer computes."""
+    import random
+
+    from geometry_msgs.msg import PoseWithCovarianceStamped
+    from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
+    from sensor_msgs.msg import Image
+
+    from apr_localizer import ros_convert
+    from apr_localizer.localizer import Localizer, LocalizerOptions
+    from apr_training.ros_harness import WAIT_S, NodeProcess, RosHarness, wait_until, write_params
+
+    root, out, _ = killed_and_resumed
+    model = out / "model.safetensors"
+    rgb = cv2.cvtColor(cv2.imread(str(root / "beta/seq-02/frame-003.png")), cv2.COLOR_BGR2RGB)
+    loc = Localizer.from_files(model, options=LocalizerOptions(backend="torch", device="cpu", threads=1))
+    est = loc.localize(rgb)
+    loc.close()
+    session = int(os.environ["ROS_DOMAIN_ID"])
+    domain = random.SystemRandom().choice([d for d in range(1, 101) if d != session])
+    env = dict(os.environ, ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST", ROS_DOMAIN_ID=str(domain),
+               ROS_LOG_DIR=str(tmp_path / "ros_log"), PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
+               FASTDDS_DEFAULT_PROFILES_FILE=str(REPO / "config" / "fastdds_shm_big.xml"))  # fmt: skip
+    name, topic = "apr_pipeline", "/pipe/cam/image_raw"
+    params = {"autostart": True, "model": {"path": str(model)}, "backend": "torch", "device": "cpu", "threads": 1,
+              "image_topic": topic, "output_pose": "camera", "base_frame": "",
+              "gating": {"max_sigma_position_m": 0.0, "max_sigma_orientation_deg": 0.0}}  # fmt: skip
+    params_file = write_params(tmp_path / "params.yaml", params, node_name=name)
+    reliable = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE, history=HistoryPolicy.KEEP_LAST)
+    harness = RosHarness(domain, name="pipeline_driver")
+    node = NodeProcess(params_file, env, tmp_path / "node.log", extra_args=["-r", f"__node:={name}"])
+    try:
+        poses = harness.subscribe(PoseWithCovarianceStamped, f"/{name}/pose_with_covariance", reliable)
+        pub = harness.publisher(Image, topic, reliable)
+        harness.wait_subscribers(pub, timeout=120.0)
+        stamp = ros_convert.ns_to_time(1_700_000_000_000_000_000)
+
+        def send_and_look():
+            pub.publish(ros_convert.rgb_to_image(rgb, stamp=stamp, frame_id="cam"))
+            return next(iter(harness.snapshot(poses)), None)
+
+        msg = wait_until(send_and_look, WAIT_S, "a pose from the pipeline's model", 0.3)
+        cov = np.diag(np.asarray(msg.pose.covariance).reshape(6, 6))
+        want = [est.sigma_position_m**2] * 3 + [est.sigma_orientation_rad**2] * 3
+        np.testing.assert_allclose(cov, want, rtol=1e-4)
+        np.testing.assert_allclose(ros_convert.pose_from_msg(msg.pose.pose)[:3], est.pose[:3], atol=1e-4)
+    finally:
+        code = node.stop()
+        harness.close()
+    assert code == 0, node.log()

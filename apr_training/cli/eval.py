@@ -7,7 +7,9 @@
 Every frame runs through :func:`apr_training.evaluation.runner.run_frames` (the APR graph once, then ``N`` iAPR steps:
 "MS-Transformer" and "iAPR (k it.)" for k = 1..N from one pass). Outputs in ``--out``: ``report.json``,
 ``report.md``, ``table.txt`` (also printed), ``frames.csv``, ``plots/`` and ``tum/<scene>_{gt,apr,iapr}.txt``
-(:mod:`apr_training.evaluation.report`). Exit status: 0 ok, 2 bad input.
+(:mod:`apr_training.evaluation.report`). Every method also gets hint success, its uncertainty (AUROC, coverage at
+95 % precision, within 1σ/2σ when calibrated) and a risk–coverage table and plot (:mod:`..evaluation.robot`);
+``--scores all`` compares the candidate uncertainty scores (AUROC, cost per frame). Exit status: 0 ok, 2 bad input.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from apr_localizer.fileio import atomic_write_text
+from apr_localizer.uncertainty import SCORES
 
 from ..datasets.labels import LabelError, LabelTable, validate_images
 from ..evaluation import metrics, paper
@@ -60,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="also print and write paper.md: per-scene medians beside the published numbers, average row = mean of "
         "the per-scene medians (evaluate the final-epoch last.safetensors)",
     )
+    p.add_argument(
+        "--scores",
+        help="also compare candidate uncertainty scores: a comma-separated list of "
+        f"{','.join(SCORES)} or 'all'; prints and writes (report.json uncertainty_candidates) each one's AUROC for "
+        "'error > 0.5 m or > 10 deg', coverage at 95%% precision and measured cost per frame",
+    )
     p.add_argument("--split", help="evaluate only the rows of this split (e.g. test); default: every row")
     add_engine_args(p)
     add_iterations_arg(
@@ -72,6 +81,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2, help="warm-up runs before timing, 0 = none (default: 2)")
     add_output_args(p)
     return p
+
+
+def parse_scores(text: str | None) -> list[str]:
+    """``--scores``: ``all`` or comma-separated names of :data:`apr_localizer.uncertainty.SCORES` (none: ``[]``)."""
+    if not text:
+        return []
+    names = list(SCORES) if text.strip() == "all" else [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SCORES]
+    if unknown or not names:
+        raise ValueError(f"--scores {text!r}: expected 'all' or a comma-separated list of {', '.join(SCORES)}")
+    return list(dict.fromkeys(names))
 
 
 def _select_rows(table: LabelTable, split: str | None, stride: int, limit: int | None) -> np.ndarray:
@@ -120,7 +140,8 @@ def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         if args.warmup > 0:
             loc.backend.warmup(args.warmup)
         started = time.perf_counter()
-        run = run_frames(loc, LabelSource(table, rows), iterations, progress=not args.quiet)
+        source = LabelSource(table, rows)
+        run = run_frames(loc, source, iterations, progress=not args.quiet, candidates=args.scores)
         elapsed = time.perf_counter() - started
         describe, backend, device = loc.describe(), loc.backend_name, loc.device
     finally:
@@ -139,6 +160,8 @@ def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         "limit": args.limit,
         "split": args.split or "all",
         "iterations": iterations,
+        "uncertainty_score": run.score_name,
+        "calibrated": run.sigmas is not None,
         "scene_selection": "classifier argmax (ground-truth scene withheld), batch 1",
         "tum_timestamps": "label CSV row index (0-based), in seconds",
         "wall_time_s": round(elapsed, 3),
@@ -178,6 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.iterations is not None and args.iterations < 0:
         parser.error(f"--iterations must be >= 0, got {args.iterations}")
     try:
+        args.scores = parse_scores(args.scores)
         default = paper.PAPER_THRESHOLDS if args.paper else metrics.DEFAULT_THRESHOLDS
         args.thresholds = paper.parse_thresholds(args.thresholds) if args.thresholds else default
     except ValueError as e:

@@ -155,6 +155,9 @@ class MethodReport:
     scenes: list[SceneMetrics]
     overall: SceneMetrics
     thresholds: tuple[tuple[float, float], ...] = DEFAULT_THRESHOLDS
+    hint: dict[str, float] | None = None  # robot.robot_metrics: hint success (added by the evaluators)
+    uncertainty: dict[str, Any] | None = None  # robot.robot_metrics: AUROC, coverage, within kσ
+    risk_coverage: list[dict[str, float]] = field(default_factory=list)
 
     @property
     def mean_of_medians(self) -> tuple[float, float]:
@@ -174,13 +177,16 @@ class MethodReport:
 
     def to_dict(self) -> dict[str, Any]:
         pos, rot = self.mean_of_medians
-        return {
+        out: dict[str, Any] = {
             "name": self.name,
             "thresholds": [{"key": threshold_label(m, d), "m": m, "deg": d} for m, d in self.thresholds],
             "mean_of_medians": {"position_m": pos, "orientation_deg": rot},
-            "overall": self.overall.to_dict(),
-            "scenes": [s.to_dict() for s in self.scenes],
         }
+        if self.hint is not None:
+            out.update(hint=dict(self.hint), uncertainty=dict(self.uncertainty or {}))
+            out["risk_coverage"] = [dict(r) for r in self.risk_coverage]
+        out.update(overall=self.overall.to_dict(), scenes=[s.to_dict() for s in self.scenes])
+        return out
 
 
 def _scene_metrics(
@@ -281,6 +287,7 @@ class EvalReport:
 
     methods: list[MethodReport]
     info: dict[str, Any] = field(default_factory=dict)
+    candidates: list[dict[str, Any]] = field(default_factory=list)  # robot.candidates_summary rows (apr-eval --scores)
 
     def method(self, name: str) -> MethodReport:
         for m in self.methods:
@@ -290,7 +297,10 @@ class EvalReport:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict; NaN and infinities become ``null``."""
-        return _json_safe({"info": self.info, "methods": [m.to_dict() for m in self.methods]})
+        out: dict[str, Any] = {"info": self.info, "methods": [m.to_dict() for m in self.methods]}
+        if self.candidates:
+            out["uncertainty_candidates"] = self.candidates
+        return _json_safe(out)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, allow_nan=False)
@@ -436,10 +446,18 @@ def _facts(info: Mapping[str, Any]) -> list[tuple[str, Any]]:
     return [(k, v) for k, v in info.items() if not isinstance(v, (Mapping, list, tuple)) and v not in (None, "")]
 
 
+def _robot_parts(report: EvalReport, markdown: bool) -> list[str]:
+    """Hint success, uncertainty, risk–coverage and candidate-score tables (:mod:`.robot`), when computed."""
+    from . import robot
+
+    return robot.format_robot(report.methods, markdown) + robot.format_candidates(report.candidates, markdown)
+
+
 def format_text(report: EvalReport) -> str:
     """Plain-text report: run facts, the method comparison, per-method details and per-stage latency."""
     parts = ["\n".join(f"{k}: {v}" for k, v in _facts(report.info))]
     parts += ["Median errors per scene", _comparison(report, False)]
+    parts += _robot_parts(report, False)
     for m in report.methods:
         parts += [f"{m.name}: details", _details(m, False)]
     lat = _latency(report, False)
@@ -454,6 +472,7 @@ def format_markdown(report: EvalReport) -> str:
     if _facts(report.info):
         parts.append("\n".join(f"- **{k}**: `{v}`" for k, v in _facts(report.info)))
     parts += ["## Median errors per scene", _comparison(report, True)]
+    parts += _robot_parts(report, True)
     for m in report.methods:
         parts += [f"## {m.name}", _details(m, True)]
     lat = _latency(report, True)

@@ -17,7 +17,15 @@ from matplotlib.figure import Figure
 
 from apr_localizer.fileio import atomic_path
 
-__all__ = ["PLANES", "plot_error_cdf", "plot_errors_over_frames", "plot_latency", "plot_trajectory", "resolve_plane"]
+__all__ = [
+    "PLANES",
+    "plot_error_cdf",
+    "plot_errors_over_frames",
+    "plot_latency",
+    "plot_risk_coverage",
+    "plot_trajectory",
+    "resolve_plane",
+]
 
 PLANES = {"xy": (0, 1), "xz": (0, 2), "yz": (1, 2)}
 _AXIS = "xyz"
@@ -194,4 +202,27 @@ def plot_latency(latency_ms, frame_index, path: str | Path, title: str) -> Path:
     ax1.set_ylim(bottom=0.0)
     ax1.grid(True, alpha=0.3)
     fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_risk_coverage(
+    curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path: str | Path, title: str = "", precision: float = 0.95
+) -> Path:
+    """Risk (fraction of published frames not ok) against coverage, most confident frames first; one line per method.
+
+    ``curves`` maps a method name (with its score) to ``(coverage (M,), risk (M,))`` from
+    :func:`apr_localizer.uncertainty.risk_coverage`; the dotted line is the risk allowed at ``precision``.
+    """
+    fig = Figure(figsize=(6.4, 4.6))
+    ax = fig.subplots()
+    for name, (coverage, risk) in curves.items():
+        ax.step(np.r_[0.0, coverage], np.r_[risk[:1] if len(risk) else [0.0], risk], where="post", label=name)
+    ax.axhline(1.0 - precision, color="0.5", linestyle=":", linewidth=0.9, label=f"{100 * (1 - precision):.0f}% risk")
+    ax.set_xlim(0.0, 1.0)
+    ax.set_ylim(0.0, 1.0)
+    ax.set_xlabel("Coverage (fraction of frames published, most confident first)")
+    ax.set_ylabel("Risk (fraction of published frames not ok)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8)
+    ax.set_title(title or "Risk–coverage")
     return _save(fig, path)

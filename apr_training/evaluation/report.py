@@ -10,7 +10,8 @@ leading per-frame columns, the TUM file layout (per scene/sequence vs one trajec
   <key>_rot_err_deg`` (keys ``apr``, ``iapr1``, ...), the stage times and each method's total;
 * ``tum/``: label runs ``<scene>_{gt,apr,iapr}.txt`` (+ ``<scene>_<seq>_*`` for scenes with several sequences; the CSV
   row index as timestamp), bag runs ``{gt,apr,iapr}.txt`` (the image stamp in seconds);
-* ``plots/``: error CDF, top-down trajectory and errors over the frame index (per scene for label runs).
+* ``plots/``: error CDF, top-down trajectory and errors over the frame index (per scene for label runs), and
+  ``risk_coverage.png`` (:func:`plots.plot_risk_coverage`, every method whose uncertainty score was computed).
 """
 
 from __future__ import annotations
@@ -27,12 +28,14 @@ import numpy as np
 from apr_localizer.fileio import atomic_write_text
 
 from . import metrics
-from .runner import EvalRun, method_key, method_name
+from .robot import robot_metrics
+from .runner import EvalRun, frame_uncertainty, method_key, method_name
 
 __all__ = [
     "POSE_COMPONENTS",
     "fmt",
     "method_columns",
+    "plot_risk_coverage",
     "plot_run",
     "write_csv",
     "write_frames_csv",
@@ -156,6 +159,21 @@ def plot_run(out: Path, gt: np.ndarray, estimates: Mapping[str, np.ndarray], tit
     return written
 
 
+def plot_risk_coverage(out: Path, run: EvalRun, title: str) -> Path | None:
+    """``risk_coverage.png`` of every method with at least one finite score (None when there is none)."""
+    from . import plots
+
+    curves = {}
+    for k in range(run.iterations + 1):
+        unc = frame_uncertainty(run, k)
+        curve = robot_metrics(run.poses[k], run.gt, unc).curve if unc is not None else None
+        if curve is not None and unc is not None:
+            curves[f"{method_name(k)} ({unc.score_name})"] = curve
+    if not curves:
+        return None
+    return plots.plot_risk_coverage(curves, out / "risk_coverage.png", f"{title}: risk–coverage".lstrip(": "))
+
+
 def _plot_label_run(out: Path, run: EvalRun, plane: str) -> list[Path]:
     """Error CDF (all methods, all frames), per-scene top-down trajectory and errors over the frame index."""
     from . import plots
@@ -192,4 +210,5 @@ def write_outputs(
         else:
             shown = [0] + ([run.iterations] if run.iterations > 0 else [])
             plot_run(out / "plots", run.gt, {method_name(k): run.poses[k] for k in shown}, title, plane)
+        plot_risk_coverage(out / "plots", run, title)
     return text

@@ -24,12 +24,13 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from apr_localizer.localizer import Localizer
+from apr_localizer import uncertainty
+from apr_localizer.localizer import Estimate, Localizer
 
 from ..bags.ground_truth import GroundTruth
 from ..bags.io import bag_topics, iter_images
 from ..datasets.labels import LabelTable, validate_images
-from . import metrics
+from . import metrics, robot
 
 __all__ = [
     "BagSource",
@@ -39,6 +40,8 @@ __all__ = [
     "FrameSource",
     "LabelSource",
     "build_report",
+    "candidate_rows",
+    "frame_uncertainty",
     "method_key",
     "method_name",
     "run_frames",
@@ -147,6 +150,12 @@ class EvalRun:
             own MS-Transformer), ``step1..stepK``, ``postprocess``.
         frames_read: frames the source yielded; ``without_gt``: those skipped for lack of ground truth.
         table: the label rows of the frames (label sources only).
+        score_name: the model's uncertainty score (its calibration's, else the default); ``scores``: ``(K+1, N)``
+            that score per method (NaN where it cannot be computed); ``sigmas``: ``(K+1, N, 2)`` calibrated sigma
+            (position m, orientation rad) per method, None when the model has no calibration.
+        candidates: candidate score name → ``(K+1, N)`` (``run_frames(candidates=...)``); ``candidate_ms``: name →
+            ``(N,)`` measured cost per frame (ms): computing the score from the loop's outputs, plus the PAE pass for
+            ``pae_gap``.
 
     """
 
@@ -165,6 +174,11 @@ class EvalRun:
     without_gt: int
     table: LabelTable | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    score_name: str = uncertainty.DEFAULT_SCORE
+    scores: np.ndarray | None = None
+    sigmas: np.ndarray | None = None
+    candidates: dict[str, np.ndarray] = field(default_factory=dict)
+    candidate_ms: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.index)
@@ -185,10 +199,36 @@ class EvalRun:
         return out
 
 
+def _candidate_costs(steps: list[Estimate], names: Sequence[str]) -> dict[str, float]:
+    """Measured cost (ms) of each candidate score of one frame: the score from the loop's outputs (+ the PAE pass)."""
+    import time
+
+    poses = [e.pose for e in steps]
+    conf = steps[-1].confidence
+    pae = steps[-1].scores.get("pae_gap", float("nan"))
+    costs = {}
+    for name in names:
+        t0 = time.perf_counter()
+        uncertainty.score_frame(name, poses, conf, 1.0, pae)
+        costs[name] = (time.perf_counter() - t0) * 1e3
+    if "pae_gap" in costs:
+        costs["pae_gap"] += float(steps[0].timings_ms.get("uncertainty", 0.0))
+    return costs
+
+
 def run_frames(
-    localizer: Localizer, source: FrameSource, iterations: int, progress: bool = True, desc: str = "apr-eval"
+    localizer: Localizer,
+    source: FrameSource,
+    iterations: int,
+    progress: bool = True,
+    desc: str = "apr-eval",
+    candidates: Sequence[str] = (),
 ) -> EvalRun:
-    """Localize every frame of ``source`` that has ground truth with ``localizer.run_steps(rgb, iterations)``."""
+    """Localize every frame of ``source`` that has ground truth with ``localizer.run_steps(rgb, iterations)``.
+
+    ``candidates`` (names of :data:`apr_localizer.uncertainty.SCORES`) also records every candidate score of every
+    method and its measured cost per frame (``run_steps(all_scores=True)``).
+    """
     from tqdm import tqdm
 
     K = int(iterations)
@@ -197,7 +237,9 @@ def run_frames(
     stages = [source.load_stage, "preprocess", "apr", "encoder", *(f"step{i}" for i in range(1, K + 1)), "postprocess"]
     timings: dict[str, list[float]] = {s: [] for s in stages}
     cols: dict[str, list] = {k: [] for k in ("index", "stamp", "gt", "offset", "scene", "conf")}
-    poses: list[list[np.ndarray]] = [[] for _ in range(K + 1)]
+    per_method: dict[str, list[list[Any]]] = {k: [[] for _ in range(K + 1)] for k in ("pose", "score", "sigma")}
+    cand: dict[str, list[list[float]]] = {c: [[] for _ in range(K + 1)] for c in candidates}
+    cost: dict[str, list[float]] = {c: [] for c in candidates}
     read = without = 0
     bar = tqdm(total=len(source) or None, desc=desc, unit="frame", disable=not progress, file=sys.stderr)
     for frame in source:
@@ -206,13 +248,19 @@ def run_frames(
         if frame.gt is None:
             without += 1
             continue
-        steps = localizer.run_steps(frame.rgb, K)
+        steps = localizer.run_steps(frame.rgb, K, all_scores=bool(candidates))
         t = steps[0].timings_ms
         timings[source.load_stage].append(frame.load_ms)
         for s in stages[1:]:
             timings[s].append(float(t.get(s, 0.0)))
         for k, est in enumerate(steps):
-            poses[k].append(est.pose)
+            per_method["pose"][k].append(est.pose)
+            per_method["score"][k].append(est.score)
+            per_method["sigma"][k].append((est.sigma_position_m, est.sigma_orientation_rad))
+            for c in candidates:
+                cand[c][k].append(est.scores.get(c, float("nan")))
+        for c, ms in _candidate_costs(steps, candidates).items():
+            cost[c].append(ms)
         for key, value in zip(
             cols, (frame.index, frame.stamp_ns, frame.gt, frame.gt_offset_ms, steps[0].scene_id, steps[0].confidence)
         ):
@@ -221,12 +269,14 @@ def run_frames(
     if read == 0:
         raise EvalError(f"{getattr(source, 'bag', 'the label table')} has no frames to evaluate")
     n = len(cols["index"])
+    cal = localizer.bundle.uncertainty
+    sigmas = np.asarray(per_method["sigma"], dtype=np.float64).reshape(K + 1, n, 2) if cal is not None else None
     return EvalRun(
         index=np.asarray(cols["index"], dtype=np.int64),
         stamps_ns=np.asarray(cols["stamp"], dtype=np.int64),
         gt=np.asarray(cols["gt"], dtype=np.float64).reshape(n, 7),
         gt_offset_ms=np.asarray(cols["offset"], dtype=np.float64),
-        poses=np.asarray(poses, dtype=np.float64).reshape(K + 1, n, 7),
+        poses=np.asarray(per_method["pose"], dtype=np.float64).reshape(K + 1, n, 7),
         pred_scene=np.asarray(cols["scene"], dtype=np.int64),
         confidence=np.asarray(cols["conf"], dtype=np.float64),
         timings={k: np.asarray(v, dtype=np.float64) for k, v in timings.items()},
@@ -236,7 +286,40 @@ def run_frames(
         frames_read=read,
         without_gt=without,
         table=source.table if isinstance(source, LabelSource) else None,
+        score_name=cal.score if cal is not None else uncertainty.DEFAULT_SCORE,
+        scores=np.asarray(per_method["score"], dtype=np.float64).reshape(K + 1, n),
+        sigmas=sigmas,
+        candidates={c: np.asarray(v, dtype=np.float64).reshape(K + 1, n) for c, v in cand.items()},
+        candidate_ms={c: np.asarray(v, dtype=np.float64) for c, v in cost.items()},
     )
+
+
+def frame_uncertainty(run: EvalRun, k: int) -> robot.FrameUncertainty | None:
+    """Return the model's score (and calibrated sigmas) of the method with ``k`` iterations; None when not recorded."""
+    if run.scores is None:
+        return None
+    sig = run.sigmas
+    return robot.FrameUncertainty(
+        run.score_name, run.scores[k], None if sig is None else sig[k, :, 0], None if sig is None else sig[k, :, 1]
+    )
+
+
+def candidate_rows(run: EvalRun) -> list[dict[str, Any]]:
+    """``uncertainty_candidates``: per candidate score, AUROC and coverage of every method, and its cost per frame."""
+    per_method: dict[str, list[dict[str, Any]]] = {}
+    for name, values in run.candidates.items():
+        per_method[name] = []
+        for k in range(run.iterations + 1):
+            u = robot.robot_metrics(run.poses[k], run.gt, robot.FrameUncertainty(name, values[k])).uncertainty
+            per_method[name].append(
+                {
+                    "method": method_name(k),
+                    "auroc": u["auroc"],
+                    "coverage_at_95_precision": u["coverage_at_95_precision"],
+                }
+            )
+    cost = {n: float(np.mean(v)) if len(v) else float("nan") for n, v in run.candidate_ms.items()}
+    return robot.candidates_summary(list(run.candidates), per_method, cost)
 
 
 def build_report(
@@ -266,4 +349,7 @@ def build_report(
         )
         for k in range(run.iterations + 1)
     ]
-    return metrics.EvalReport(methods, dict(info or {}))
+    for k, m in enumerate(methods):
+        r = robot.robot_metrics(run.poses[k], run.gt, frame_uncertainty(run, k))
+        m.hint, m.uncertainty, m.risk_coverage = r.hint, r.uncertainty, r.risk_coverage
+    return metrics.EvalReport(methods, dict(info or {}), candidate_rows(run) if run.candidates else [])

@@ -165,3 +165,47 @@ def test_error_matched_pairs_draw_from_the_measured_errors(tmp_path):
     # u ~ U(0, 1.5): the mean offset is 0.75 x the mean measured error
     assert abs(dt.mean() - 0.75 * e_t.mean()) < 0.05 and abs(dr.mean() - 0.75 * e_r.mean()) < 1.5
     assert math.isclose(np.linalg.norm(pairs.pose_b[:, 3:], axis=1).mean(), 1.0, rel_tol=1e-9)
+
+
+# --------------------------------------------------------------------------------------------- pipeline pieces
+def test_pipeline_split_merges_csvs_from_several_folders(tmp_path):
+    """Two extracted runs in their own folders: one root, image paths rewritten, whole sequences held out."""
+    from apr_training.train.pipeline import PipelineOptions, _root, _split
+
+    a = write_tiny_dataset(tmp_path / "space" / "run1", scenes=("lab",), seqs=2, frames=3, seed=1)
+    b = write_tiny_dataset(tmp_path / "space" / "run2", scenes=("lab",), seqs=2, frames=3, seed=2)
+    b.write_text(b.read_text().replace("seq-01", "seq-11").replace("seq-02", "seq-12"))
+    for f in (tmp_path / "space" / "run2" / "lab").iterdir():
+        f.rename(f.with_name(f.name.replace("seq-0", "seq-1")))
+    opts = PipelineOptions(data=None, labels=[a, b], out=tmp_path / "out", overrides=["data.val_fraction=0.25"])
+    root = _root(opts)
+    assert root == (tmp_path / "space").resolve()
+    opts.out.mkdir()
+    _split(opts, root)
+    merged = read_labels(opts.out / "labels.csv", dataset_root=root)
+    assert len(merged) == 12 and all((root / p).is_file() for p in merged.img_path)
+    train = read_labels(opts.out / "split_train.csv", dataset_root=root)
+    val = read_labels(opts.out / "split_val.csv", dataset_root=root)
+    assert len(set(val.seq)) == 1 and not set(val.seq) & set(train.seq) and len(train) + len(val) == 12
+
+
+def test_calibration_picks_the_score_that_ranks_the_errors():
+    from apr_localizer.uncertainty import auroc
+    from apr_training.train.pipeline import _summary, choose_and_fit
+
+    rng = np.random.default_rng(0)
+    n = 200
+    gt = np.tile([0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0], (n, 1))
+    err = rng.exponential(0.4, n)
+    final = gt.copy()
+    final[:, 0] = err
+    steps = np.stack([final + [0.1, 0, 0, 0, 0, 0, 0], final], axis=1)
+    scores = {"scene_prob": rng.random(n), "step_size": err + rng.normal(0, 0.05, n), "apr_iapr_gap": np.full(n, 0.1)}
+    meas = {"gt": gt, "steps": steps, "scores": scores, "pae_ms": 0.0}
+    cal, table = choose_and_fit(meas, gt[:, :3] + rng.normal(0, 1, (n, 3)))
+    assert cal.score == "step_size"
+    wrong = err > 0.5
+    assert {r["score"]: r["auroc"] for r in table}["step_size"] == pytest.approx(auroc(scores["step_size"], wrong))
+    report = _summary(meas, cal)
+    assert report["uncertainty"]["auroc"] > 0.9 and set(report["accuracy"]) == {"ms_transformer", "iapr_1"}
+    assert report["accuracy"]["iapr_1"]["position_median_m"] == pytest.approx(np.median(err))

@@ -334,6 +334,11 @@ def test_offline_evaluation_has_the_known_answer(tmp_path, eval_bag, checkpoint,
     assert overall["scene_accuracy"] == pytest.approx(expected_acc)
     assert {"decode", "preprocess", "apr", "postprocess", "total"} <= set(overall["latency_ms"])
     assert overall["latency_ms"]["total"]["n"] == n_eval and overall["latency_ms"]["total"]["median"] > 0
+    hint_ok = (pos <= 0.5) & (rot <= 10)
+    assert method["hint"]["within_0_5m_10deg"] == pytest.approx(hint_ok.mean())
+    assert method["hint"]["within_1_5m"] == pytest.approx((pos <= 1.5).mean())
+    unc = method["uncertainty"]  # uncalibrated model: step_size, undefined for the APR estimate alone
+    assert unc["score"] == "step_size" and unc["auroc"] is None and unc["within_1sigma"] is None
 
     rows = _read_csv(out / "frames.csv")
     assert [int(r["frame"]) for r in rows] == list(range(n_eval))
@@ -584,6 +589,13 @@ def test_live_replay_through_the_node_matches_offline(tmp_path, eval_bag, checkp
     for r in _read_csv(out / "frames.csv"):  # the known answer, as offline
         assert float(r["live_pos_err_m"]) == pytest.approx(pos[int(r["frame"])], abs=1e-4)
         assert float(r["live_rot_err_deg"]) == pytest.approx(rot[int(r["frame"])], abs=1e-2)
+        assert float(r["sigma_position_m"]) > 0 and float(r["sigma_orientation_rad"]) > 0  # the published covariance
+    (method,) = report["methods"]
+    hint_ok = (pos <= 0.5) & (rot <= 10)
+    got = [int(r["frame"]) for r in _read_csv(out / "frames.csv")]
+    assert method["hint"]["within_0_5m_10deg"] == pytest.approx(hint_ok[got].mean())
+    unc = method["uncertainty"]
+    assert unc["score"] == "published_sigma" and not unc["calibrated"] and unc["within_2sigma"] is None
     assert "apr-eval-bag: set ROS_LOG_DIR=" in proc.stderr
     live = report["info"]["live"]
     assert live["stamps"] == "restamped with the send time"

@@ -257,7 +257,8 @@ def _main_live(args: argparse.Namespace, argv: Sequence[str], env_changes: Mappi
         "latency_total": "end to end: image publish -> pose receipt, across processes (ms)",
     }
     label = Path(args.bag).name
-    report, summary, arrays = evaluate_live(live, gt, args.scene, label, info)
+    calibrated = str(args.model).endswith(".safetensors") and bool(read_metadata(args.model).get("uncertainty"))
+    report, summary, arrays = evaluate_live(live, gt, args.scene, label, info, calibrated)
     text = write_live_outputs(out, live, report, summary, arrays, not args.no_plots, args.plane, label)
     if not args.quiet:
         print(text, end="")

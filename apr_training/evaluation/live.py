@@ -4,9 +4,10 @@
 user's parameter files, then this run's overrides: model, image topic, autostart, ...), waits until it is active and
 subscribed, plays the bag's image topic (and its ``camera_info``) at the recorded rate times ``rate`` with
 :class:`~apr_training.bags.player.BagPlayer`, records the node's ``~/pose`` with receipt times and its
-``/diagnostics`` (:class:`~apr_training.ros_harness.NodeMonitor`), stops the node with SIGINT (exit code 0
-expected); :func:`evaluate_live` matches the poses to images by ``header.stamp`` (the node stamps its outputs with the
-image stamp) and to ground truth through the recorded stamps.
+``/diagnostics`` (:class:`~apr_training.ros_harness.NodeMonitor`) and ``~/pose_with_covariance`` (the published
+sigmas: ``σ = sqrt`` of the mean of the three position / orientation variances on the diagonal), stops the node
+with SIGINT (exit code 0 expected); :func:`evaluate_live` matches the poses to images by ``header.stamp`` (the node
+stamps its outputs with the image stamp) and to ground truth through the recorded stamps.
 
 Time stamps: by default the player **restamps** every played message with the wall-clock time at which it is sent, so
 a pose's end-to-end latency is ``receipt time − header.stamp``, exactly what a downstream consumer measures, and
@@ -30,8 +31,8 @@ import numpy as np
 from ..bags.ground_truth import GroundTruth
 from ..bags.io import IMAGE_MSGTYPES, bag_topics
 from ..ros_harness import NODE_NAME, NodeMonitor, NodeProcess, RosHarness, write_params
-from . import metrics
-from .plots import plot_latency
+from . import metrics, robot
+from .plots import plot_latency, plot_risk_coverage
 from .report import POSE_COMPONENTS, fmt, plot_run, write_csv, write_reports
 
 __all__ = [
@@ -69,6 +70,7 @@ class LiveRun:
     keep_stamps: bool
     lateness_ms: list[float]
     info: dict[str, Any] = field(default_factory=dict)
+    sigmas: dict[int, tuple[float, float]] = field(default_factory=dict)  # sent stamp → published (σp m, σo rad)
 
 
 def _diag_int(d: Mapping[str, str] | None, key: str) -> int | None:
@@ -214,6 +216,29 @@ def _received_poses(monitor: NodeMonitor, sent: set[int]) -> tuple[dict[int, tup
     return received, unmatched
 
 
+def _sigmas_recorder(session: RosHarness, node_name: str) -> Callable[[], dict[int, tuple[float, float]]]:
+    """Record ``~/pose_with_covariance``; the returned function gives stamp → published (σp m, σo rad)."""
+    from geometry_msgs.msg import PoseWithCovarianceStamped
+
+    from apr_localizer.ros_convert import time_to_ns
+
+    from ..bags.recorder import TopicRecorder
+
+    topic = f"/{node_name}/pose_with_covariance"
+    recorder = TopicRecorder(session.node, {topic: PoseWithCovarianceStamped})
+
+    def sigmas() -> dict[int, tuple[float, float]]:
+        out: dict[int, tuple[float, float]] = {}
+        for r in recorder.snapshot(topic):
+            d = np.diag(np.asarray(r.msg.pose.covariance, dtype=np.float64).reshape(6, 6))
+            out.setdefault(
+                time_to_ns(r.msg.header.stamp), (math.sqrt(max(d[:3].mean(), 0.0)), math.sqrt(max(d[3:].mean(), 0.0)))
+            )
+        return out
+
+    return sigmas
+
+
 def run_live(
     opts: LiveOptions, env_changes: Mapping[str, str], out: Path, say: Callable[[str], None] = lambda _: None
 ) -> LiveRun:
@@ -225,6 +250,7 @@ def run_live(
     process: NodeProcess | None = None
     try:
         monitor = NodeMonitor(session, opts.node_name)
+        published_sigmas = _sigmas_recorder(session, opts.node_name)
         player = _player(opts, session, play_topics)
         process = NodeProcess(params, dict(os.environ), out / "node.log", node_name=opts.node_name)
         say(
@@ -251,6 +277,7 @@ def run_live(
         _drain(monitor, process, sent, opts)
         diag = monitor.wait_diag(time.time_ns(), 3.0)
         received, unmatched = _received_poses(monitor, sent)
+        sigmas = {k: v for k, v in published_sigmas().items() if k in received}
     finally:
         code = process.stop(opts.stop_timeout) if process is not None else -1
         session.close()
@@ -266,6 +293,7 @@ def run_live(
         bag_span_s=result.bag_span_s,
         keep_stamps=opts.keep_stamps,
         lateness_ms=[m.lateness_ms for m in result.messages],
+        sigmas=sigmas,
         info={
             "played_topics": play_topics,
             "node_command": process.command if process else [],
@@ -290,7 +318,8 @@ def _match_live(live: LiveRun, gt: GroundTruth) -> tuple[dict[str, np.ndarray], 
             continue
         receipt, pose = got
         sent_ns = m.sent_stamp_ns if not live.keep_stamps else m.send_time_ns
-        rows.append((i, m, gt_pose, dt_ms, pose, (receipt - sent_ns) * 1e-6))
+        sigma = live.sigmas.get(m.sent_stamp_ns, (math.nan, math.nan))
+        rows.append((i, m, gt_pose, dt_ms, pose, (receipt - sent_ns) * 1e-6, sigma))
     n = len(rows)
     arrays = {
         "index": np.asarray([r[0] for r in rows], dtype=np.int64),
@@ -300,6 +329,8 @@ def _match_live(live: LiveRun, gt: GroundTruth) -> tuple[dict[str, np.ndarray], 
         "gt_offset_ms": np.asarray([r[3] for r in rows], dtype=np.float64),
         "pose": np.asarray([r[4] for r in rows], dtype=np.float64).reshape(n, 7),
         "latency_ms": np.asarray([r[5] for r in rows], dtype=np.float64),
+        "sigma_position_m": np.asarray([r[6][0] for r in rows], dtype=np.float64),
+        "sigma_orientation_rad": np.asarray([r[6][1] for r in rows], dtype=np.float64),
     }
     return arrays, without_gt
 
@@ -327,9 +358,14 @@ def _node_counters(live: LiveRun) -> dict[str, Any]:
 
 
 def evaluate_live(
-    live: LiveRun, gt: GroundTruth, scene: str | None, label: str, info: dict[str, Any]
+    live: LiveRun, gt: GroundTruth, scene: str | None, label: str, info: dict[str, Any], calibrated: bool = False
 ) -> tuple[metrics.EvalReport, dict[str, Any], dict[str, np.ndarray]]:
-    """Accuracy over the frames that got a pose, end-to-end latency, counts; returns (report, live summary, arrays)."""
+    """Accuracy over the frames that got a pose, end-to-end latency, counts; returns (report, live summary, arrays).
+
+    Hint success and uncertainty (:mod:`.robot`) use the covariance the node published: its position sigma is the
+    score (AUROC, coverage); within 1σ/2σ only when the model is ``calibrated`` (otherwise the covariance is the
+    configured constant, not a sigma).
+    """
     arrays, without_gt = _match_live(live, gt)
     n = len(arrays["index"])
     played = len(live.played)
@@ -361,6 +397,10 @@ def evaluate_live(
     method = metrics.per_scene_metrics(
         arrays["pose"], arrays["gt"], [scene or label] * n, None, latency, name="localizer_node (live)"
     )
+    sp, so = arrays["sigma_position_m"], arrays["sigma_orientation_rad"]
+    unc = robot.FrameUncertainty("published_sigma", sp, sp if calibrated else None, so if calibrated else None)
+    r = robot.robot_metrics(arrays["pose"], arrays["gt"], unc)
+    method.hint, method.uncertainty, method.risk_coverage = r.hint, r.uncertainty, r.risk_coverage
     report = metrics.EvalReport([method], {**info, "live": summary})
     return report, summary, arrays
 
@@ -438,6 +478,11 @@ def write_live_outputs(
     metrics.write_tum(out / "tum" / "live.txt", stamps_s, arrays["pose"])
     if plots and len(arrays["index"]):
         plot_run(out / "plots", arrays["gt"], {"localizer_node (live)": arrays["pose"]}, title, plane)
+        curve = robot.robot_metrics(
+            arrays["pose"], arrays["gt"], robot.FrameUncertainty("published_sigma", arrays["sigma_position_m"])
+        ).curve
+        if curve is not None:
+            plot_risk_coverage({"localizer_node (live, published sigma)": curve}, out / "plots" / "risk_coverage.png")
         plot_latency(
             arrays["latency_ms"],
             arrays["index"],
@@ -461,6 +506,8 @@ def _write_live_frames(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
         "live_pos_err_m",
         "live_rot_err_deg",
         "end_to_end_ms",
+        "sigma_position_m",
+        "sigma_orientation_rad",
     ]
     rows: list[list[Any]] = []
     for i in range(len(arrays["index"])):
@@ -476,6 +523,8 @@ def _write_live_frames(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
                 fmt(errs[0][i]),
                 fmt(errs[1][i]),
                 fmt(arrays["latency_ms"][i]),
+                fmt(arrays["sigma_position_m"][i]),
+                fmt(arrays["sigma_orientation_rad"][i]),
             ]
         )
     write_csv(path, header, rows)

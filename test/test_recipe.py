@@ -17,7 +17,7 @@ from test_pipeline import write_tiny_dataset
 
 from apr_localizer.geometry import pose_errors, relative_pose
 from apr_training.datasets.labels import LabelError, read_labels, split_by_sequence
-from apr_training.datasets.pairs import error_matched_pairs
+from apr_training.datasets.pairs import apr_error_vectors, error_matched_pairs
 from apr_training.datasets.transforms import TrainTransform
 from apr_training.train.config import ConfigError, TrainConfig, apply_overrides, load_config
 from apr_training.train.helpers import train_transform
@@ -150,20 +150,34 @@ def test_split_by_sequence_holds_out_whole_sequences(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------- iAPR pairs
+def test_apr_error_vectors_match_the_pose_error_definition():
+    rng = np.random.default_rng(5)
+    gt = np.concatenate([rng.normal(size=(20, 3)), rng.normal(size=(20, 4))], axis=1)
+    gt[:, 3:] /= np.linalg.norm(gt[:, 3:], axis=1, keepdims=True)
+    est = gt + rng.normal(0, 0.3, gt.shape)
+    off, rv = apr_error_vectors(est, gt)
+    dt, dr = pose_errors(est, gt)
+    np.testing.assert_allclose(np.linalg.norm(off, axis=1), dt, atol=1e-12)
+    np.testing.assert_allclose(np.degrees(np.linalg.norm(rv, axis=1)), dr, atol=1e-6)
+
+
 def test_error_matched_pairs_draw_from_the_measured_errors(tmp_path):
     table = read_labels(write_tiny_dataset(tmp_path, seqs=2, frames=10), dataset_root=tmp_path)
-    e_t, e_r = np.array([0.2, 0.5, 1.0]), np.array([5.0, 10.0, 40.0])
-    pairs = error_matched_pairs(table, e_t, e_r, pairs_per_frame=50, scale=1.5, seed=1)
-    assert len(pairs) == 50 * len(table) and pairs.img_path_a == pairs.img_path_b
+    # measured errors: a yaw-only rotation (about the camera's y axis) with a horizontal offset, and a bigger one
+    off = np.array([[0.2, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    rv = np.radians([[0.0, 10.0, 0.0], [0.0, -40.0, 0.0]])
+    pairs = error_matched_pairs(table, off, rv, pairs_per_frame=200, scale=1.5, seed=1)
+    assert len(pairs) == 200 * len(table) and pairs.img_path_a == pairs.img_path_b
     np.testing.assert_allclose(relative_pose(pairs.pose_a, pairs.pose_b), pairs.rel_ab, atol=1e-9)
-    dt, dr = pose_errors(pairs.pose_b, pairs.pose_a)
-    assert dt.max() <= 1.5 * 1.0 + 1e-9 and dr.max() <= 1.5 * 40.0 + 1e-6
-    # the offset and the angle of a pair come from the same measured frame: dr / dt is one of the measured ratios
-    ratio = (dr / np.maximum(dt, 1e-12))[dt > 0.02]
-    nearest = np.abs(ratio[:, None] - (e_r / e_t)[None, :]).min(axis=1)
-    assert np.all(nearest < 1e-3 * ratio) and len(np.unique(np.round(ratio))) == 3
-    # u ~ U(0, 1.5): the mean offset is 0.75 x the mean measured error
-    assert abs(dt.mean() - 0.75 * e_t.mean()) < 0.05 and abs(dr.mean() - 0.75 * e_r.mean()) < 1.5
+    got_off, got_rv = apr_error_vectors(pairs.pose_b, pairs.pose_a)
+    # every perturbation is +-u times one measured error vector (offset and rotation from the same measurement)
+    u = got_off @ off.T / np.sum(off**2, axis=1)  # projection coefficient on each measured offset
+    j = np.argmax(np.abs(u), axis=1)
+    f = u[np.arange(len(u)), j]
+    np.testing.assert_allclose(got_off, f[:, None] * off[j], atol=1e-9)
+    np.testing.assert_allclose(got_rv, f[:, None] * rv[j], atol=1e-6)
+    assert np.abs(f).max() <= 1.5 and abs(np.abs(f).mean() - 0.75) < 0.03 and abs(np.mean(f > 0) - 0.5) < 0.03
+    assert np.all(np.abs(got_off[:, 2]) < 1e-12) and np.allclose(got_rv[:, [0, 2]], 0.0, atol=1e-9)
     assert math.isclose(np.linalg.norm(pairs.pose_b[:, 3:], axis=1).mean(), 1.0, rel_tol=1e-9)
 
 

@@ -25,13 +25,14 @@ from pathlib import Path
 import numpy as np
 
 from apr_localizer.fileio import atomic_write_text
-from apr_localizer.geometry import quat_multiply, quat_normalize, relative_pose, rotation_error_deg
+from apr_localizer.geometry import quat_conjugate, quat_multiply, quat_normalize, relative_pose, rotation_error_deg
 
 from .labels import LabelError, LabelTable, parse_pose_fields, read_labels, write_labels
 
 __all__ = [
     "PAIR_COLUMNS",
     "PairTable",
+    "apr_error_vectors",
     "error_matched_pairs",
     "generate_pairs",
     "make_pairs",
@@ -345,44 +346,58 @@ def generate_pairs(
     return make_pairs(labels, index_a, index_b)
 
 
+def apr_error_vectors(est: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Return the error vectors of estimated poses ``(N, 7)``: ``(offsets, rotation vectors)``, each ``(N, 3)``.
+
+    Offsets are ``est − gt`` (map frame, m); rotation vectors those of ``conj(q_gt) ⊗ q_est`` (camera frame, rad).
+    Non-finite rows are dropped.
+    """
+    est, gt = np.asarray(est, np.float64).reshape(-1, 7), np.asarray(gt, np.float64).reshape(-1, 7)
+    ok = np.isfinite(est).all(axis=1) & np.isfinite(gt).all(axis=1)
+    est, gt = est[ok], gt[ok]
+    q = quat_normalize(quat_multiply(quat_conjugate(quat_normalize(gt[:, 3:])), quat_normalize(est[:, 3:])))
+    s = np.linalg.norm(q[:, 1:], axis=1)
+    angle = 2.0 * np.arctan2(s, q[:, 0])  # canonical q (w >= 0): angle in [0, pi]
+    return est[:, :3] - gt[:, :3], q[:, 1:] * (angle / np.maximum(s, 1e-12))[:, None]
+
+
 def error_matched_pairs(
     labels: LabelTable,
-    position_errors_m: np.ndarray,
-    rotation_errors_deg: np.ndarray,
+    position_offsets_m: np.ndarray,
+    rotation_vectors_rad: np.ndarray,
     pairs_per_frame: int = 5,
     scale: float = 1.5,
     seed: int = 0,
 ) -> PairTable:
     """Pairs for iAPR training whose neighbour poses miss like the APR does: GT perturbed by the APR's own errors.
 
-    For every frame, ``pairs_per_frame`` neighbour poses are drawn: an error pair ``(e_t, e_r)`` is drawn jointly from
-    the measured APR errors (e.g. on the validation split), multiplied by ``u ~ U(0, scale)`` (errors up to ``scale``
-    times the APR's, down to none: the refined estimates of later iterations are closer), and applied as a position
-    offset of ``u·e_t`` metres in a uniformly random 3-D direction and a rotation of ``u·e_r`` degrees about a
-    uniformly random axis (right-multiplied: the camera turns about itself). Both sides of a pair are the frame's own
-    image (the query); pose b is the perturbed pose; ``rel_ab = relative_pose(pose_a, pose_b)``. Do not swap these
-    pairs (image b is not taken at pose b).
+    ``position_offsets_m`` / ``rotation_vectors_rad`` ``(K, 3)`` are measured APR errors (:func:`apr_error_vectors`,
+    e.g. on the validation split). For every frame, ``pairs_per_frame`` neighbour poses are drawn: one measured
+    error ``j`` (offset and rotation together, so their joint structure — mostly horizontal, mostly yaw for a robot —
+    is kept), a factor ``u ~ U(0, scale)`` (errors up to ``scale`` times the APR's, down to none: the refined
+    estimates of later iterations are closer) and a sign ``±1``; pose b = position ``+ ±u·offset_j`` and orientation
+    ``q_a ⊗ exp(±u·rotvec_j)`` (the camera turns about itself). Both sides of a pair are the frame's own image (the
+    query); ``rel_ab = relative_pose(pose_a, pose_b)``. Do not swap these pairs (image b is not taken at pose b).
     """
-    e_t = np.asarray(position_errors_m, np.float64).reshape(-1)
-    e_r = np.asarray(rotation_errors_deg, np.float64).reshape(-1)
-    ok = np.isfinite(e_t) & np.isfinite(e_r)
-    e_t, e_r = e_t[ok], e_r[ok]
-    if len(e_t) == 0:
+    off = np.asarray(position_offsets_m, np.float64).reshape(-1, 3)
+    rv = np.asarray(rotation_vectors_rad, np.float64).reshape(-1, 3)
+    ok = np.isfinite(off).all(axis=1) & np.isfinite(rv).all(axis=1)
+    off, rv = off[ok], rv[ok]
+    if len(off) == 0:
         raise ValueError("error_matched_pairs needs at least one finite measured APR error")
     rng = np.random.default_rng(seed)
     idx = np.repeat(np.arange(len(labels)), pairs_per_frame)
     n = len(idx)
-    pick = rng.integers(0, len(e_t), n)
-    u = rng.uniform(0.0, scale, n)
-    direction = rng.normal(size=(n, 3))
-    direction /= np.maximum(np.linalg.norm(direction, axis=1, keepdims=True), 1e-12)
-    axis = rng.normal(size=(n, 3))
-    axis /= np.maximum(np.linalg.norm(axis, axis=1, keepdims=True), 1e-12)
-    half = np.radians(np.minimum(u * e_r[pick], 180.0)) / 2.0
+    pick = rng.integers(0, len(off), n)
+    f = rng.uniform(0.0, scale, n) * rng.choice([-1.0, 1.0], n)
+    vec = f[:, None] * rv[pick]
+    angle = np.linalg.norm(vec, axis=1)
+    axis = vec / np.maximum(angle, 1e-12)[:, None]
+    half = np.minimum(angle, np.pi) / 2.0
     dq = np.concatenate([np.cos(half)[:, None], np.sin(half)[:, None] * axis], axis=1)
     pose_a = labels.unit_poses()[idx]
     pose_b = pose_a.copy()
-    pose_b[:, :3] += (u * e_t[pick])[:, None] * direction
+    pose_b[:, :3] += f[:, None] * off[pick]
     pose_b[:, 3:] = quat_multiply(pose_a[:, 3:], dq)
     rel = relative_pose(pose_a, pose_b) if n else np.zeros((0, 7))
     paths = [labels.img_path[i] for i in idx.tolist()]

@@ -5,9 +5,9 @@
   :func:`apr_training.datasets.pairs.generate_pairs` (camera distance / rotation-angle thresholds from ``data.pair_*``);
   with ``data.pair_mode: apr_errors`` (robot recipe) by :func:`~apr_training.datasets.pairs.error_matched_pairs`:
   the ``--teacher`` APR is run on the validation frames (``--val-labels``; the training frames when there are none),
-  and every training frame gets neighbour poses = its GT perturbed by errors drawn from that distribution (scaled by
-  U(0, ``data.pair_error_scale``)), so the regressor learns the corrections the deployed loop asks of it; those pairs
-  are never swapped; the measured errors are written to ``<out>/apr_errors.json``.
+  and every training frame gets neighbour poses = its GT perturbed by the APR's error vectors drawn from that set
+  (scaled by ±U(0, ``data.pair_error_scale``)), so the regressor learns the corrections the deployed loop asks of
+  it; those pairs are never swapped; the measured errors are written to ``<out>/apr_errors.json``.
   Other pairs are swapped with probability ``data.swap_prob``; image 1 is the query, pose 2 the neighbour (unit
   quaternion), scene 2 the forced scene.
 * Forward: ``iapr(image 1, scene 2 forced, pose 2) → rel(1→2)``; loss = CameraPoseLoss (learned, s_x 0 / s_q −3
@@ -258,7 +258,7 @@ class IAPRTask(Task):
 
         from apr_localizer.fileio import atomic_write_text
         from apr_localizer.geometry import pose_errors
-        from apr_training.datasets.pairs import error_matched_pairs
+        from apr_training.datasets.pairs import apr_error_vectors, error_matched_pairs
         from apr_training.datasets.torch_datasets import CameraPoseDataset
 
         ctx, d = self.ctx, self.cfg.data
@@ -287,7 +287,8 @@ class IAPRTask(Task):
         if ctx.dist.is_main:
             ctx.out.mkdir(parents=True, exist_ok=True)
             atomic_write_text(ctx.out / "apr_errors.json", json.dumps(summary, indent=2) + "\n")
-        return error_matched_pairs(labels, e_t, e_r, d.pairs_per_frame, d.pair_error_scale, self.cfg.run.seed)
+        offsets, rotvecs = apr_error_vectors(est, table.unit_poses())
+        return error_matched_pairs(labels, offsets, rotvecs, d.pairs_per_frame, d.pair_error_scale, self.cfg.run.seed)
 
     def loss_parameters(self) -> list[nn.Parameter]:
         return [self.criterion.s_x, self.criterion.s_q]

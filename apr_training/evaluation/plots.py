@@ -1,4 +1,4 @@
-"""Evaluation plots (matplotlib, Agg backend, PNG): error CDFs, top-down trajectories, errors over frame index.
+"""Evaluation plots (matplotlib, Agg, PNG): error CDFs, top-down trajectories, errors over frame index, risk–coverage.
 
 Every function takes plain numpy arrays, writes one PNG and returns its path. Figures are built with
 ``matplotlib.figure.Figure`` (Agg canvas) rather than pyplot: no global backend switch, no display needed, nothing
@@ -223,6 +223,6 @@ def plot_risk_coverage(
     ax.set_xlabel("Coverage (fraction of frames published, most confident first)")
     ax.set_ylabel("Risk (fraction of published frames not ok)")
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="upper left", fontsize=8)
+    ax.legend(loc="best", fontsize=8)
     ax.set_title(title or "Risk–coverage")
     return _save(fig, path)

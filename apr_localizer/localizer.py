@@ -49,7 +49,13 @@ class LocalizerOptions:
     threads: int = 0  # CPU threads for the engine, 0 = physical cores
     cache_dir: str | None = None  # exported ONNX files and TensorRT engines
     preprocess_method: str = "auto"  # auto | pil | torch (see apr_localizer.preprocess)
-    cuda_graphs: bool = False
+    cuda_graphs: bool = False  # torch on CUDA: the whole APR + N-step loop as one CUDA graph
+    tf32: bool = False  # allow TF32 for fp32 on CUDA (fp32 means fp32 unless asked)
+    # Synchronised per-stage timings in Estimate.timings_ms (decode/preprocess/total are always there). None: on,
+    # except with CUDA graphs, whose single whole-loop graph cannot be timed per stage.
+    stage_timings: bool | None = None
+    calibration_dir: str | None = None  # images that calibrate precision int8 (TensorRT), spread over the directory
+    calibration_count: int = 64
 
 
 @dataclass
@@ -109,15 +115,39 @@ class Localizer:
                     threads=options.threads,
                     cache_dir=Path(options.cache_dir) if options.cache_dir else None,
                     cuda_graphs=options.cuda_graphs,
+                    tf32=options.tf32,
+                    calibration_images=self._calibration_images(options),
                 ),
             )
         except BackendError as e:
             raise ModelLoadError(str(e)) from None
+        self.stage_timings = not options.cuda_graphs if options.stage_timings is None else options.stage_timings
         self.device = str(self.backend.device)
         self.backend_name = self.backend.name
         self.iterations = options.iapr_iterations if bundle.iapr is not None else 0
         if bundle.iapr is None and options.iapr_iterations > 0:
             log.info("the model has no iAPR refiner: publishing MS-Transformer estimates")
+
+    def _calibration_images(self, options: LocalizerOptions) -> torch.Tensor | None:
+        """``calibration_count`` images spread over ``calibration_dir``, preprocessed: ``(N,3,H,W)`` (or None)."""
+        if not options.calibration_dir:
+            return None
+        from .imaging import ImageDecodeError, decode_compressed
+
+        root = Path(options.calibration_dir)
+        images = (".png", ".jpg", ".jpeg")
+        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in images) if root.is_dir() else []
+        if not files:
+            raise ModelLoadError(f"calibration_dir {str(root)!r} holds no .png/.jpg images to calibrate int8 with")
+        picks = np.unique(np.linspace(0, len(files) - 1, num=min(max(1, options.calibration_count), len(files))))
+        batch = []
+        for i in picks.round().astype(np.int64):
+            try:
+                rgb = decode_compressed(files[i].read_bytes())
+            except (ImageDecodeError, OSError) as e:
+                raise ModelLoadError(f"calibration image {files[i]} cannot be read ({e})") from None
+            batch.append(preprocess(rgb, self.preprocess_config))
+        return torch.cat(batch)
 
     @classmethod
     def from_files(
@@ -185,7 +215,7 @@ class Localizer:
         override = None
         if scene_override is not None:
             override = torch.full((x.shape[0],), int(scene_override), dtype=torch.int64, device=x.device)
-        steps = self.backend.run_steps(x, n, scene_override=override, timed=True)
+        steps = self.backend.run_steps(x, n, scene_override=override, timed=self.stage_timings)
         timings.update(steps.timings_ms)
         timings["iapr"] = sum(v for k, v in steps.timings_ms.items() if k != "apr")
         t4 = time.perf_counter()

@@ -252,6 +252,9 @@ class LocalizerNode(LifecycleNode):
             iapr_iterations=cfg.iapr_iterations,
             threads=cfg.threads,
             cache_dir=cfg.cache_dir or None,
+            cuda_graphs=cfg.cuda_graphs,
+            tf32=cfg.tf32,
+            calibration_dir=cfg.int8_calibration_dir or None,
         )
         loc = Localizer.from_files(
             cfg.model_path, cfg.model_iapr_path or None, cfg.model_pae_path or None, options=options

@@ -114,3 +114,26 @@ def test_cuda_torch_backend_matches_cpu(ref_model, frames):
         )
         for f in frames:
             np.testing.assert_allclose(gpu.localize(f).pose[:3], cpu.localize(f).pose[:3], atol=tol)
+
+
+def test_stage_timings_can_be_turned_off(ref_model, frames):
+    """Per-stage timings synchronise the device after every stage; off, only the end-to-end numbers remain."""
+    loc = Localizer.from_files(ref_model, options=LocalizerOptions(backend="torch", device="cpu", stage_timings=False))
+    est = loc.localize(frames[0])
+    assert "apr" not in est.timings_ms and {"preprocess", "total"} <= set(est.timings_ms)
+    assert Localizer.from_files(ref_model, options=LocalizerOptions(backend="torch", device="cpu")).stage_timings
+
+
+def test_int8_calibration_images_reach_the_backend(tmp_path, ref_model, frames):
+    """``calibration_dir`` (node parameter ``int8_calibration_dir``) becomes the backend's preprocessed images."""
+    for i, frame in enumerate(frames[:3]):
+        Image.fromarray(frame).save(tmp_path / f"f{i}.png")
+    opts = LocalizerOptions(backend="torch", device="cpu", calibration_dir=str(tmp_path), calibration_count=2)
+    loc = Localizer.from_files(ref_model, options=opts)
+    calib = loc.backend.options.calibration_images
+    assert calib is not None and tuple(calib.shape) == (2, 3, 224, 224)
+    torch.testing.assert_close(calib[0:1], loc.preprocess(frames[0]))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ModelLoadError, match="no .png/.jpg images"):
+        Localizer.from_files(ref_model, options=LocalizerOptions(backend="torch", calibration_dir=str(empty)))

@@ -4,7 +4,8 @@ The loop does:
 
 * Adam over the trainable parameters (+ the learned loss weights) and StepLR stepped once per epoch
   (model_spec.md §3); or (``optim.optimizer: adamw``, ``optim.schedule: cosine``) AdamW with a per-step cosine decay;
-  a linear warm-up (``optim.warmup_steps``) for either schedule; gradient clipping by norm optional;
+  a linear warm-up (``optim.warmup_steps``, at most a tenth of the run) for either schedule; gradient clipping by
+  norm optional;
 * a time budget (``run.time_budget_s``): training stops when it is spent (ending the epoch: validation and model
   files as at an epoch end), and the cosine schedule is sized from the measured time per step (re-estimated every
   logged window, so the LR reaches its floor when the budget does); the time used is kept across ``--resume``;
@@ -182,11 +183,12 @@ class Trainer:
     def _lr_factor(self, step: int) -> float:
         """LR multiplier at optimiser step ``step`` of a per-step schedule (warm-up, then StepLR by epoch or cosine)."""
         o = self.cfg.optim
-        warm = min(1.0, 0.01 + 0.99 * step / o.warmup_steps) if o.warmup_steps > 0 else 1.0
+        wu = min(o.warmup_steps, max(1, self.p.schedule_steps // 10))  # a short run warms up over its first tenth
+        warm = min(1.0, 0.01 + 0.99 * step / wu) if o.warmup_steps > 0 else 1.0
         if o.schedule == "step":
             return warm * o.lr_scheduler_gamma ** (self.p.epoch // o.lr_scheduler_step_size)
-        span = max(1, self.p.schedule_steps - o.warmup_steps)
-        x = min(1.0, max(0.0, (step - o.warmup_steps) / span))
+        span = max(1, self.p.schedule_steps - wu)
+        x = min(1.0, max(0.0, (step - wu) / span))
         return warm * (o.min_lr_ratio + (1.0 - o.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * x)))
 
     def _elapsed(self) -> float:

@@ -523,13 +523,19 @@ def default_scene_names(num_scenes: int) -> list[str]:
     return [f"scene_{i}" for i in range(num_scenes)]
 
 
+# What a bundle's quaternions mean (see ModelBundle.orientation).
+ORIENTATIONS = ("camera_to_world", "world_to_camera")
+
+
 @dataclass
 class ModelBundle:
     """What the runtime needs: the APR, optional iAPR (and standalone PAE), scene names, preprocessing, provenance.
 
     ``iapr.mstransformer is apr`` means the iAPR shares the APR's image encoder: latents are computed once.
     ``uncertainty`` maps a per-frame score to sigmas (None: uncalibrated, e.g. official checkpoints); ``camera`` is
-    the training camera ``{fx, fy, cx, cy, width, height}`` (None: unknown).
+    the training camera ``{fx, fy, cx, cy, width, height}`` (None: unknown). ``orientation`` is what the regressed
+    quaternion means: ``camera_to_world`` (ours, 7-Scenes) or ``world_to_camera`` (models trained on the upstream
+    Cambridge Landmarks labels, VisualSFM's convention); the Localizer always returns camera-to-map poses.
     """
 
     apr: MSTransformer
@@ -540,8 +546,13 @@ class ModelBundle:
     provenance: dict[str, Any] = field(default_factory=dict)
     uncertainty: Calibration | None = None
     camera: dict[str, float] | None = None
+    orientation: str = "camera_to_world"
 
     def __post_init__(self) -> None:
+        if self.orientation not in ORIENTATIONS:
+            raise CheckpointError(
+                f"orientation convention {quote(self.orientation)} is not one of {', '.join(ORIENTATIONS)}"
+            )
         n = self.apr.num_scenes
         if not self.scene_names:
             self.scene_names = default_scene_names(n)
@@ -574,6 +585,7 @@ def save_model(
     dtype: torch.dtype = torch.float32,
     uncertainty: Calibration | Mapping[str, Any] | None = None,
     camera: Mapping[str, Any] | None = None,
+    orientation: str = "camera_to_world",
 ) -> Path:
     """Write a model bundle as one safetensors file with JSON metadata. ``dtype=torch.float16`` halves the size.
 
@@ -619,6 +631,10 @@ def save_model(
         meta["uncertainty"] = calibration.to_dict()
     if trained_camera is not None:
         meta["camera"] = trained_camera
+    if orientation != "camera_to_world":
+        if orientation not in ORIENTATIONS:
+            raise CheckpointError(f"orientation {quote(orientation)} is not one of {', '.join(ORIENTATIONS)}")
+        meta["orientation"] = orientation
     return write_safetensors(path, tensors, {METADATA_KEY: json.dumps(meta)})
 
 
@@ -815,6 +831,9 @@ def load_model(path: str | Path) -> ModelBundle:
             trained_camera = read_camera(provenance["camera"], path)
         except CheckpointError:
             trained_camera = None  # informational there: an unusable value is not checked
+    orientation = meta.get("orientation", "camera_to_world")
+    if orientation not in ORIENTATIONS:
+        raise CheckpointError(f"{path}: orientation metadata must be one of {', '.join(ORIENTATIONS)}")
     _dry_run(comps, infos, path)
     tensors, _ = read_safetensors(path)
     apr, iapr, pae = _build(comps, path)
@@ -825,7 +844,9 @@ def load_model(path: str | Path) -> ModelBundle:
         if model is iapr and iapr.mstransformer is apr:
             sd.update({"mstransformer." + k: v for k, v in apr.state_dict().items()})
         _load_strict(model, sd, f"{path} [{prefix.rstrip('.')}]")
-    bundle = ModelBundle(apr, iapr, pae, scene_names, dict(preprocess), dict(provenance), calibration, trained_camera)
+    bundle = ModelBundle(
+        apr, iapr, pae, scene_names, dict(preprocess), dict(provenance), calibration, trained_camera, orientation
+    )
     return bundle.eval()
 
 
@@ -834,8 +855,12 @@ def load_bundle(
     iapr: str | Path | None = None,
     pae: str | Path | None = None,
     scene_names: list[str] | None = None,
+    orientation: str | None = None,
 ) -> ModelBundle:
     """Load a :class:`ModelBundle` from our ``.safetensors`` file or official checkpoints.
+
+    ``orientation`` overrides the quaternion convention (official Cambridge Landmarks checkpoints regress
+    ``world_to_camera`` rotations; official checkpoints carry no such metadata).
 
     ``model`` is our file or an official APR (or iAPR) checkpoint; ``iapr`` / ``pae`` are optional official files
     (the official pipeline uses a separate APR for the initial estimate).
@@ -868,5 +893,7 @@ def load_bundle(
         bundle.provenance["pae"] = str(pae)
     if scene_names:
         bundle.scene_names = list(scene_names)
+    if orientation:
+        bundle.orientation = orientation
     bundle.__post_init__()
     return bundle.eval()

@@ -157,10 +157,15 @@ class Localizer:
         pae: str | Path | None = None,
         options: LocalizerOptions | None = None,
         scene_names: list[str] | None = None,
+        orientation: str | None = None,
     ) -> Localizer:
-        """Build from our ``.safetensors`` bundle or official checkpoints (APR + optional iAPR/PAE)."""
+        """Build from our ``.safetensors`` bundle or official checkpoints (APR + optional iAPR/PAE).
+
+        ``orientation="world_to_camera"`` declares that the model regresses world-to-camera rotations (official
+        Cambridge Landmarks checkpoints); estimates are still returned camera-to-map.
+        """
         try:
-            bundle = load_bundle(model, iapr or None, pae or None, scene_names=scene_names)
+            bundle = load_bundle(model, iapr or None, pae or None, scene_names=scene_names, orientation=orientation)
         except CheckpointError as e:
             raise ModelLoadError(str(e)) from None
         return cls(bundle, options)
@@ -223,6 +228,8 @@ class Localizer:
         conf = float(torch.exp(steps.scene_log_probs[0, scene].float()))
         name = self.scene_names[scene] if 0 <= scene < len(self.scene_names) else str(scene)
         poses = [_to_pose(p) for p in steps.poses]
+        if self.bundle.orientation == "world_to_camera":  # e.g. trained on upstream Cambridge labels: R_wc → R_cw
+            poses = [np.concatenate([p[:3], geometry.quat_conjugate(p[3:])]) for p in poses]
         apr_raw = steps.poses[0][0].detach().to("cpu", torch.float64).numpy()  # as regressed (not normalised)
         cal = self.bundle.uncertainty
         score_name = cal.score if cal is not None else uncertainty.DEFAULT_SCORE

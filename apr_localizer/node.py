@@ -257,7 +257,11 @@ class LocalizerNode(LifecycleNode):
             calibration_dir=cfg.int8_calibration_dir or None,
         )
         loc = Localizer.from_files(
-            cfg.model_path, cfg.model_iapr_path or None, cfg.model_pae_path or None, options=options
+            cfg.model_path,
+            cfg.model_iapr_path or None,
+            cfg.model_pae_path or None,
+            options=options,
+            orientation=cfg.model_orientation or None,
         )
         try:
             if not self._abort.is_set():

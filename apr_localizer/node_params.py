@@ -270,6 +270,14 @@ PARAMS: tuple[Param, ...] = (
     _P("model.path", "", "Model weights: our .safetensors or an official MS-Transformer .pth.", _text, read_only=True),
     _P("model.iapr_path", "", "Optional iAPR (relative pose regressor) checkpoint.", _text, read_only=True),
     _P("model.pae_path", "", "Optional pose auto-encoder checkpoint.", _text, read_only=True),
+    _P(
+        "model.orientation",
+        "",
+        "Quaternion convention of the model: empty = from the model file; world_to_camera for official Cambridge "
+        "Landmarks checkpoints.",
+        _choice(("", "camera_to_world", "world_to_camera")),
+        read_only=True,
+    ),
     _P("backend", "auto", f"Inference engine, one of {', '.join(BACKENDS)}.", _choice(BACKENDS)),
     _P("device", "auto", "auto, cpu, cuda or cuda:N.", _device),
     _P("precision", "fp32", f"One of {', '.join(PRECISIONS)}.", _choice(PRECISIONS)),

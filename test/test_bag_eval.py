@@ -382,6 +382,12 @@ def test_offline_stride_and_input_errors(tmp_path, eval_bag, checkpoint, capsys)
     assert overall["n"] == 5 and overall["median_position_m"] == pytest.approx(0.0, abs=1e-5)  # even frames only
     assert [int(r["frame"]) for r in _read_csv(out / "frames.csv")] == [0, 2, 4, 6, 8]
     assert overall["scene_accuracy"] is None  # no --scene
+    scored = [*base, "--image-topic", IMAGE_TOPIC, "--limit", "4", "--scores", "scene_prob,pae_gap"]
+    assert main([*scored, "--out", str(tmp_path / "scores")]) == 0
+    cands = json.loads((tmp_path / "scores" / "report.json").read_text())["uncertainty_candidates"]
+    assert [c["score"] for c in cands] == ["scene_prob", "pae_gap"] and all(c["cost_ms_per_frame"] >= 0 for c in cands)
+    with pytest.raises(SystemExit):
+        main([*scored[:-1], "mystery", "--out", str(tmp_path / "bad_scores")])
 
     capsys.readouterr()
     assert main([*base, "--image-topic", "/nope", "--out", str(tmp_path / "x")]) == 2

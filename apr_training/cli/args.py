@@ -15,6 +15,8 @@ from collections.abc import Callable, Mapping, Sequence
 from apr_localizer.backends.base import BACKENDS
 
 __all__ = [
+    "add_scores_arg",
+    "parse_scores",
     "PRECISIONS",
     "add_engine_args",
     "add_iterations_arg",
@@ -56,6 +58,30 @@ def add_engine_args(p: argparse.ArgumentParser, defaults: bool = True, what: str
 def add_iterations_arg(p: argparse.ArgumentParser, help_text: str) -> None:
     """Add ``--iterations`` (iAPR refinement steps)."""
     p.add_argument("--iterations", type=int, help=help_text)
+
+
+def add_scores_arg(p: argparse.ArgumentParser) -> None:
+    """``--scores``: compare candidate uncertainty scores (parsed by :func:`parse_scores`)."""
+    from apr_localizer.uncertainty import SCORES
+
+    p.add_argument(
+        "--scores",
+        help="also compare candidate uncertainty scores: a comma-separated list of "
+        f"{','.join(SCORES)} or 'all'; prints and writes (report.json uncertainty_candidates) each one's AUROC for "
+        "'error > 0.5 m or > 10 deg', coverage at 95%% precision and measured cost per frame",
+    )
+
+
+def parse_scores(text: str | None) -> list[str]:
+    """``--scores``: ``all`` or comma-separated names of :data:`apr_localizer.uncertainty.SCORES` (none: ``[]``)."""
+    from apr_localizer.uncertainty import SCORES
+
+    if not text:
+        return []
+    names = list(SCORES) if text.strip() == "all" else [n.strip() for n in text.split(",") if n.strip()]
+    if not names or any(n not in SCORES for n in names):
+        raise ValueError(f"--scores {text!r}: expected 'all' or a comma-separated list of {', '.join(SCORES)}")
+    return list(dict.fromkeys(names))
 
 
 def add_output_args(p: argparse.ArgumentParser) -> None:

@@ -26,13 +26,21 @@ from typing import Any
 import numpy as np
 
 from apr_localizer.fileio import atomic_write_text
-from apr_localizer.uncertainty import SCORES
 
 from ..datasets.labels import LabelError, LabelTable, validate_images
 from ..evaluation import metrics, paper
 from ..evaluation.report import write_outputs
 from ..evaluation.runner import EvalError, LabelSource, build_report, run_frames
-from .args import add_engine_args, add_iterations_arg, add_model_args, add_output_args, run_cli, scene_names
+from .args import (
+    add_engine_args,
+    add_iterations_arg,
+    add_model_args,
+    add_output_args,
+    add_scores_arg,
+    parse_scores,
+    run_cli,
+    scene_names,
+)
 
 __all__ = ["build_parser", "main"]
 
@@ -63,12 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also print and write paper.md: per-scene medians beside the published numbers, average row = mean of "
         "the per-scene medians (evaluate the final-epoch last.safetensors)",
     )
-    p.add_argument(
-        "--scores",
-        help="also compare candidate uncertainty scores: a comma-separated list of "
-        f"{','.join(SCORES)} or 'all'; prints and writes (report.json uncertainty_candidates) each one's AUROC for "
-        "'error > 0.5 m or > 10 deg', coverage at 95%% precision and measured cost per frame",
-    )
+    add_scores_arg(p)
     p.add_argument("--split", help="evaluate only the rows of this split (e.g. test); default: every row")
     add_engine_args(p)
     add_iterations_arg(
@@ -81,17 +84,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2, help="warm-up runs before timing, 0 = none (default: 2)")
     add_output_args(p)
     return p
-
-
-def parse_scores(text: str | None) -> list[str]:
-    """``--scores``: ``all`` or comma-separated names of :data:`apr_localizer.uncertainty.SCORES` (none: ``[]``)."""
-    if not text:
-        return []
-    names = list(SCORES) if text.strip() == "all" else [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in SCORES]
-    if unknown or not names:
-        raise ValueError(f"--scores {text!r}: expected 'all' or a comma-separated list of {', '.join(SCORES)}")
-    return list(dict.fromkeys(names))
 
 
 def _select_rows(table: LabelTable, split: str | None, stride: int, limit: int | None) -> np.ndarray:

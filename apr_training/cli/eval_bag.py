@@ -47,7 +47,16 @@ from ..evaluation.live import BagEvalError, LiveOptions, evaluate_live, run_live
 from ..evaluation.report import write_outputs
 from ..evaluation.runner import BagSource, EvalError, build_report, run_frames
 from ..ros_harness import NODE_NAME, HarnessError, NodeTimeoutError
-from .args import add_engine_args, add_iterations_arg, add_model_args, add_output_args, run_cli, scene_names
+from .args import (
+    add_engine_args,
+    add_iterations_arg,
+    add_model_args,
+    add_output_args,
+    add_scores_arg,
+    parse_scores,
+    run_cli,
+    scene_names,
+)
 
 __all__ = ["build_parser", "main"]
 
@@ -93,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     off.add_argument("--stride", type=int, default=1, help="evaluate every k-th image")
     off.add_argument("--limit", type=int, help="evaluate at most this many images (after --stride)")
     off.add_argument("--warmup", type=int, default=2, help="warm-up runs before timing (0 = none)")
+    add_scores_arg(off)
     live = sub.add_parser(
         "live", help="replay the bag into localizer_node and evaluate what it publishes", formatter_class=fmt
     )
@@ -187,7 +197,7 @@ def _main_offline(args: argparse.Namespace, argv: Sequence[str]) -> int:
             loc.backend.warmup(args.warmup)
         started = time.perf_counter()
         source = BagSource(args.bag, args.image_topic, gt, args.stride, args.limit)
-        run = run_frames(loc, source, iterations, progress=not args.quiet, desc="apr-eval-bag")
+        run = run_frames(loc, source, iterations, progress=not args.quiet, desc="apr-eval-bag", candidates=args.scores)
         elapsed = time.perf_counter() - started
         describe, backend, device = loc.describe(), loc.backend_name, loc.device
     finally:
@@ -203,6 +213,8 @@ def _main_offline(args: argparse.Namespace, argv: Sequence[str]) -> int:
         "device": device,
         "precision": args.precision,
         "iterations": iterations,
+        "uncertainty_score": run.score_name,
+        "calibrated": run.sigmas is not None,
         "stride": args.stride,
         "limit": args.limit,
         "images_read": run.frames_read,
@@ -298,6 +310,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"--stride must be >= 1, got {args.stride}")
         if args.limit is not None and args.limit < 1:
             parser.error(f"--limit must be >= 1, got {args.limit}")
+        try:
+            args.scores = parse_scores(args.scores)
+        except ValueError as e:
+            parser.error(str(e))
     if args.iterations is not None and args.iterations < 0:
         parser.error(f"--iterations must be >= 0, got {args.iterations}")
     errors = [

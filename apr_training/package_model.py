@@ -16,7 +16,11 @@ from apr_localizer.checkpoints import load_model, save_model
 
 
 def package(src: str | Path, dst: str | Path, fp16: bool = False, command: str | None = None) -> Path:
-    """Re-save ``src`` (our format) as ``dst``, in fp16 if asked, recording how it was made."""
+    """Re-save ``src`` (our format) as ``dst``, in fp16 if asked, recording how it was made.
+
+    Everything the runtime reads is kept: scene names, preprocessing, uncertainty calibration, training camera and
+    quaternion convention.
+    """
     b = load_model(src)
     provenance = dict(b.provenance)
     provenance["packaged_from"] = str(src)
@@ -31,6 +35,9 @@ def package(src: str | Path, dst: str | Path, fp16: bool = False, command: str |
         preprocess=b.preprocess,
         provenance=provenance,
         dtype=torch.float16 if fp16 else torch.float32,
+        uncertainty=b.uncertainty,
+        camera=b.camera,
+        orientation=b.orientation,
     )
 
 

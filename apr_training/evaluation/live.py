@@ -344,7 +344,13 @@ def _node_counters(live: LiveRun) -> dict[str, Any]:
         a, b = _diag_int(d, key), _diag_int(before, key)
         return None if a is None else a - (b or 0)
 
-    keys = ("frames_received", "frames_processed", "poses_published", "dropped_frames", "dropped_unprocessed")
+    keys: tuple[str, ...] = (
+        "frames_received",
+        "frames_processed",
+        "poses_published",
+        "dropped_frames",
+        "dropped_unprocessed",
+    )
     keys += ("dropped_in_transport", "stale_frames", "rejected_messages", "low_confidence", "non_finite")
     out: dict[str, Any] = {f"node_{k}": delta(k) for k in (*keys, "processing_errors")}
     out.update(

@@ -263,7 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("apr_training").setLevel(logging.INFO)
         from .pipeline import pipeline_main
 
-        return pipeline_main(argv[1:])
+        return pipeline_main(argv[1:], main)
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=getattr(logging, args.log_level), format="%(levelname)s %(name)s: %(message)s")

@@ -29,7 +29,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,7 @@ __all__ = ["BUDGET_SHARES", "STAGES", "PipelineOptions", "pipeline_main", "run_p
 
 log = logging.getLogger("apr_training.train")
 
+TrainMain = Callable[[list[str]], int]  # apr-train's main(argv) -> exit code
 STAGES = ("split", "ms-transformer", "pae", "iapr", "calibrate", "package")
 #: Fractions of ``--time-budget`` per trainer; the remaining 10 % cover start-up, validation, calibration, packaging.
 BUDGET_SHARES = {"ms-transformer": 0.65, "pae": 0.05, "iapr": 0.20}
@@ -115,10 +116,8 @@ def _split(opts: PipelineOptions, root: Path) -> None:
     _mark(opts.out, "split", {"train": str(train_csv), "val": str(val_csv)})
 
 
-def _train(opts: PipelineOptions, trainer: str, extra: list[str]) -> Path:
+def _train(opts: PipelineOptions, train_main: TrainMain, trainer: str, extra: list[str]) -> Path:
     """Run (or resume) one trainer through ``apr-train``'s own entry point; return its best model file."""
-    from .cli import main as train_main
-
     run_dir = opts.out / trainer
     argv = [trainer, "--config", opts.config, "--data", str(opts.data), "--labels", str(opts.out / "split_train.csv"),
             "--val-labels", str(opts.out / "split_val.csv"), "--out", str(run_dir), "--device", opts.device,
@@ -317,8 +316,12 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 # --------------------------------------------------------------------------------------------- driver
-def run_pipeline(opts: PipelineOptions) -> dict[str, Any]:
-    """Run every stage not yet marked done; return the report (also ``<out>/report.json``)."""
+def run_pipeline(opts: PipelineOptions, train_main: TrainMain) -> dict[str, Any]:
+    """Run every stage not yet marked done; return the report (also ``<out>/report.json``).
+
+    ``train_main`` runs one trainer from ``apr-train`` arguments (:func:`apr_training.train.cli.main`; passed in so
+    that this module does not import the command line that dispatches to it).
+    """
     out = opts.out
     for csv in opts.labels:
         if not csv.is_file():
@@ -336,11 +339,11 @@ def run_pipeline(opts: PipelineOptions) -> dict[str, Any]:
     ms = out / "ms-transformer" / "best.safetensors"
     pae = out / "pae" / "best.safetensors"
     if not _done(out, "ms-transformer"):
-        ms = _train(opts, "ms-transformer", [])
+        ms = _train(opts, train_main, "ms-transformer", [])
     if not _done(out, "pae"):
-        pae = _train(opts, "pae", ["--teacher", str(ms)])
+        pae = _train(opts, train_main, "pae", ["--teacher", str(ms)])
     if not _done(out, "iapr"):
-        _train(opts, "iapr", ["--teacher", str(ms), "--pae", str(pae)])
+        _train(opts, train_main, "iapr", ["--teacher", str(ms), "--pae", str(pae)])
     report = _calibrate(opts)
     path = _package(opts, report)
     report["wall_time_s_this_run"] = time.perf_counter() - t0
@@ -376,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def pipeline_main(argv: Sequence[str]) -> int:
+def pipeline_main(argv: Sequence[str], train_main: TrainMain) -> int:
     """Entry point of ``apr-train pipeline``; returns the exit code."""
     from apr_localizer.checkpoints import CheckpointError
     from apr_localizer.uncertainty import CalibrationError
@@ -391,7 +394,7 @@ def pipeline_main(argv: Sequence[str]) -> int:
                            progress=not a.no_progress, fp16=a.fp16, calibration_frames=a.calibration_frames,
                            command=a.command or "apr-train pipeline " + " ".join(argv))  # fmt: skip
     try:
-        run_pipeline(opts)
+        run_pipeline(opts, train_main)
     except (ConfigError, TrainError, LabelError, CheckpointError, CalibrationError, FileNotFoundError) as e:
         print(f"apr-train pipeline: error: {e}", file=sys.stderr)
         return 1

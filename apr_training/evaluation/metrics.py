@@ -35,7 +35,9 @@ __all__ = [
     "MethodReport",
     "SceneMetrics",
     "TUM_HEADER",
+    "format_candidates",
     "format_markdown",
+    "format_robot",
     "format_text",
     "frame_errors",
     "latency_stats",
@@ -47,6 +49,11 @@ __all__ = [
     "write_tum",
 ]
 
+#: What a robot needs (:mod:`.robot`): a frame is "wrong" beyond HINT_M or HINT_DEG (AUROC; hint success within
+#: both), within WINDOW_M (cuVSLAM's localizer search window), "ok" within OK_M and OK_DEG (coverage at PRECISION,
+#: risk–coverage at COVERAGES).
+HINT_M, HINT_DEG, WINDOW_M, OK_M, OK_DEG, PRECISION = 0.5, 10.0, 1.5, 1.0, 15.0, 0.95
+COVERAGES: tuple[float, ...] = tuple(c / 10 for c in range(1, 11))
 #: (metres, degrees) pairs; a frame is "within" a pair when both errors are at most the bounds.
 DEFAULT_THRESHOLDS: tuple[tuple[float, float], ...] = ((0.1, 1.0), (0.25, 2.0), (0.5, 5.0), (5.0, 10.0))
 TUM_HEADER = "# timestamp tx ty tz qx qy qz qw"
@@ -446,11 +453,101 @@ def _facts(info: Mapping[str, Any]) -> list[tuple[str, Any]]:
     return [(k, v) for k, v in info.items() if not isinstance(v, (Mapping, list, tuple)) and v not in (None, "")]
 
 
+def _rpct(v: Any) -> str:
+    return "n/a" if v is None or not math.isfinite(v) else f"{100 * v:.1f}%"
+
+
+def _rnum(v: Any, digits: int = 3) -> str:
+    return "n/a" if v is None or not math.isfinite(v) else f"{v:.{digits}f}"
+
+
+def _hint_table(methods: Sequence[MethodReport], markdown: bool) -> str:
+    headers = ["Method", "≤0.5m & 10°", "≤1.5m", "Score", "AUROC", "Coverage @95%", "Within 1σ", "Within 2σ"]
+    rows = []
+    for m in methods:
+        u, hint = m.uncertainty or {}, m.hint or {}
+        sig = (
+            [_rpct(u.get("within_1sigma")), _rpct(u.get("within_2sigma"))]
+            if u.get("calibrated")
+            else ["not calibrated"] * 2
+        )
+        rows.append(
+            [
+                m.name,
+                _rpct(hint.get("within_0_5m_10deg")),
+                _rpct(hint.get("within_1_5m")),
+                str(u.get("score") or "-"),
+                _rnum(u.get("auroc")),
+                _rpct(u.get("coverage_at_95_precision")),
+                *sig,
+            ]
+        )
+    return render_table(headers, rows, markdown)
+
+
+def _risk_table(methods: Sequence[MethodReport], markdown: bool) -> str:
+    shown = [m for m in methods if m.risk_coverage]
+    if not shown:
+        return ""
+    headers = ["Coverage", *(f"{m.name}: med. pos / rot, ok" for m in shown)]
+    rows = []
+    for i, c in enumerate(COVERAGES):
+        cells = []
+        for m in shown:
+            r = m.risk_coverage[i]
+            med = f"{_rnum(r['median_position_m'])} m / {_rnum(r['median_orientation_deg'], 1)}°"
+            cells.append(f"{med}, {_rpct(r['ok_fraction'])}")
+        rows.append([f"{100 * c:.0f}%", *cells])
+    return render_table(headers, rows, markdown)
+
+
+def format_robot(methods: Sequence[MethodReport], markdown: bool = False) -> list[str]:
+    """Titles and tables of the hint/uncertainty summary and the risk–coverage table (empty without hint metrics)."""
+    methods = [m for m in methods if m.hint]
+    if not methods:
+        return []
+    h = "## " if markdown else ""
+    parts = [
+        f"{h}Hint success and uncertainty (wrong: > {HINT_M:g} m or > {HINT_DEG:g}°; coverage: ≥ "
+        f"{100 * PRECISION:.0f}% within {OK_M:g} m & {OK_DEG:g}°; within kσ: per-axis errors)",
+        _hint_table(methods, markdown),
+    ]
+    risk = _risk_table(methods, markdown)
+    if risk:
+        parts += [
+            f"{h}Risk–coverage (most confident frames first; medians and fraction within {OK_M:g} m & {OK_DEG:g}°)",
+            risk,
+        ]
+    return parts
+
+
+def format_candidates(rows: Sequence[Mapping[str, Any]], markdown: bool = False) -> list[str]:
+    """Title and table of the candidate-score comparison (one row per candidate and method)."""
+    if not rows:
+        return []
+    headers = ["Score", "Method", "AUROC", "Coverage @95%", "Cost (ms/frame)"]
+    table = []
+    for r in rows:
+        for m in r["methods"]:
+            table.append(
+                [
+                    r["score"],
+                    m["method"],
+                    _rnum(m["auroc"]),
+                    _rpct(m["coverage_at_95_precision"]),
+                    _rnum(r["cost_ms_per_frame"], 3),
+                ]  # fmt: skip
+            )
+    h = "## " if markdown else ""
+    return [
+        f"{h}Uncertainty candidates (AUROC for > {HINT_M:g} m or > {HINT_DEG:g}°)",
+        render_table(headers, table, markdown),
+    ]
+
+
 def _robot_parts(report: EvalReport, markdown: bool) -> list[str]:
     """Hint success, uncertainty, risk–coverage and candidate-score tables (:mod:`.robot`), when computed."""
-    from . import robot
-
-    return robot.format_robot(report.methods, markdown) + robot.format_candidates(report.candidates, markdown)
+    return format_robot(report.methods, markdown) + format_candidates(report.candidates, markdown)
 
 
 def format_text(report: EvalReport) -> str:

@@ -15,7 +15,8 @@ Per-axis errors (one definition, :func:`axis_errors`): position ``x̂ − x`` pe
 orientation as the rotation vector (rad) of the error rotation ``q̂ ⊗ q⁻¹`` (expressed in the map frame, as a ROS
 pose covariance is), its three components against ``σ_o``. A frame's six axes all count; an invalid (non-finite)
 estimate is wrong, not ok and outside every sigma. A NaN score counts as the least trusted. Every frame counts in
-every fraction (denominator = all frames). The metric functions are :mod:`apr_localizer.uncertainty`'s.
+every fraction (denominator = all frames). The metric functions are :mod:`apr_localizer.uncertainty`'s; the
+thresholds and the tables are :mod:`.metrics`' (which holds every report field and its formatting).
 """
 
 from __future__ import annotations
@@ -38,17 +39,15 @@ __all__ = [
     "RobotMetrics",
     "axis_errors",
     "candidates_summary",
-    "format_candidates",
-    "format_robot",
     "robot_metrics",
     "risk_coverage_table",
 ]
 
-HINT_M, HINT_DEG = 0.5, 10.0  # a "wrong" frame is outside these (AUROC); hint success inside them
-WINDOW_M = 1.5  # cuVSLAM localizer search window
-OK_M, OK_DEG = 1.0, 15.0  # an "ok" published frame (coverage at 95 % precision, risk–coverage)
-PRECISION = 0.95
-COVERAGES = tuple(c / 10 for c in range(1, 11))
+HINT_M, HINT_DEG = metrics.HINT_M, metrics.HINT_DEG  # "wrong" outside these (AUROC); hint success inside
+WINDOW_M = metrics.WINDOW_M  # cuVSLAM localizer search window
+OK_M, OK_DEG = metrics.OK_M, metrics.OK_DEG  # an "ok" published frame (coverage at 95 % precision, risk–coverage)
+PRECISION = metrics.PRECISION
+COVERAGES = metrics.COVERAGES
 AXES = ("x", "y", "z", "rx", "ry", "rz")
 
 
@@ -174,102 +173,8 @@ def robot_metrics(est_poses: np.ndarray, gt_poses: np.ndarray, unc: FrameUncerta
     return RobotMetrics(hint, unc_out, rows, curve)
 
 
-# ------------------------------------------------------------------------------------------------ formatting
-def _pct(v: Any) -> str:
-    return "n/a" if v is None or not math.isfinite(v) else f"{100 * v:.1f}%"
-
-
-def _num(v: Any, digits: int = 3) -> str:
-    return "n/a" if v is None or not math.isfinite(v) else f"{v:.{digits}f}"
-
-
-def _hint_table(methods: Sequence[Any], markdown: bool) -> str:
-    headers = ["Method", "≤0.5m & 10°", "≤1.5m", "Score", "AUROC", "Coverage @95%", "Within 1σ", "Within 2σ"]
-    rows = []
-    for m in methods:
-        u = m.uncertainty or {}
-        sig = (
-            [_pct(u.get("within_1sigma")), _pct(u.get("within_2sigma"))]
-            if u.get("calibrated")
-            else ["not calibrated"] * 2
-        )
-        rows.append(
-            [
-                m.name,
-                _pct(m.hint["within_0_5m_10deg"]),
-                _pct(m.hint["within_1_5m"]),
-                str(u.get("score") or "-"),
-                _num(u.get("auroc")),
-                _pct(u.get("coverage_at_95_precision")),
-                *sig,
-            ]
-        )
-    return metrics.render_table(headers, rows, markdown)
-
-
-def _risk_table(methods: Sequence[Any], markdown: bool) -> str:
-    shown = [m for m in methods if m.risk_coverage]
-    if not shown:
-        return ""
-    headers = ["Coverage", *(f"{m.name}: med. pos / rot, ok" for m in shown)]
-    rows = []
-    for i, c in enumerate(COVERAGES):
-        cells = []
-        for m in shown:
-            r = m.risk_coverage[i]
-            cells.append(
-                f"{_num(r['median_position_m'])} m / {_num(r['median_orientation_deg'], 1)}°, {_pct(r['ok_fraction'])}"
-            )
-        rows.append([f"{100 * c:.0f}%", *cells])
-    return metrics.render_table(headers, rows, markdown)
-
-
-def format_robot(methods: Sequence[Any], markdown: bool = False) -> list[str]:
-    """Titles and tables of the hint/uncertainty summary and the risk–coverage table (empty without hint metrics)."""
-    methods = [m for m in methods if getattr(m, "hint", None)]
-    if not methods:
-        return []
-    h = "## " if markdown else ""
-    parts = [
-        f"{h}Hint success and uncertainty (wrong: > {HINT_M:g} m or > {HINT_DEG:g}°; coverage: ≥ "
-        f"{100 * PRECISION:.0f}% within {OK_M:g} m & {OK_DEG:g}°; within kσ: per-axis errors)",
-        _hint_table(methods, markdown),
-    ]
-    risk = _risk_table(methods, markdown)
-    if risk:
-        parts += [
-            f"{h}Risk–coverage (most confident frames first; medians and fraction within {OK_M:g} m & {OK_DEG:g}°)",
-            risk,
-        ]
-    return parts
-
-
 def candidates_summary(
     names: Sequence[str], per_method: Mapping[str, list[dict[str, Any]]], cost_ms: Mapping[str, float]
 ) -> list[dict[str, Any]]:
     """``uncertainty_candidates`` rows: per candidate score its cost per frame and per-method AUROC/coverage."""
     return [{"score": n, "cost_ms_per_frame": cost_ms.get(n, math.nan), "methods": per_method[n]} for n in names]
-
-
-def format_candidates(rows: Sequence[Mapping[str, Any]], markdown: bool = False) -> list[str]:
-    """Title and table of the candidate-score comparison (one row per candidate and method)."""
-    if not rows:
-        return []
-    headers = ["Score", "Method", "AUROC", "Coverage @95%", "Cost (ms/frame)"]
-    table = []
-    for r in rows:
-        for m in r["methods"]:
-            table.append(
-                [
-                    r["score"],
-                    m["method"],
-                    _num(m["auroc"]),
-                    _pct(m["coverage_at_95_precision"]),
-                    _num(r["cost_ms_per_frame"], 3),
-                ]  # fmt: skip
-            )
-    h = "## " if markdown else ""
-    return [
-        f"{h}Uncertainty candidates (AUROC for > {HINT_M:g} m or > {HINT_DEG:g}°)",
-        metrics.render_table(headers, table, markdown),
-    ]

@@ -124,15 +124,18 @@ def matrix_to_quat(m) -> np.ndarray:
     xx, yx, zx = m[..., 0, 0], m[..., 0, 1], m[..., 0, 2]
     xy, yy, zy = m[..., 1, 0], m[..., 1, 1], m[..., 1, 2]
     xz, yz, zz = m[..., 2, 0], m[..., 2, 1], m[..., 2, 2]
-    k = np.stack(
-        [
-            np.stack([xx - yy - zz, yx + xy, zx + xz, yz - zy], -1),
-            np.stack([yx + xy, yy - xx - zz, zy + yz, zx - xz], -1),
-            np.stack([zx + xz, zy + yz, zz - xx - yy, xy - yx], -1),
-            np.stack([yz - zy, zx - xz, xy - yx, xx + yy + zz], -1),
-        ],
-        axis=-2,
-    ) / 3.0
+    k = (
+        np.stack(
+            [
+                np.stack([xx - yy - zz, yx + xy, zx + xz, yz - zy], -1),
+                np.stack([yx + xy, yy - xx - zz, zy + yz, zx - xz], -1),
+                np.stack([zx + xz, zy + yz, zz - xx - yy, xy - yx], -1),
+                np.stack([yz - zy, zx - xz, xy - yx, xx + yy + zz], -1),
+            ],
+            axis=-2,
+        )
+        / 3.0
+    )
     _, vecs = np.linalg.eigh(k)
     v = vecs[..., :, -1]  # eigenvector of the largest eigenvalue, (x, y, z, w)
     q = np.concatenate([v[..., 3:4], v[..., :3]], axis=-1)

@@ -125,8 +125,10 @@ def test_quat_average_and_slerp():
 
 def test_map_to_odom_composition():
     rng = np.random.default_rng(1)
+
     def rand_pose():
         return np.concatenate([rng.normal(size=3), g.quat_normalize(rng.normal(size=4))])
+
     map_T_odom, odom_T_base, base_T_cam = rand_pose(), rand_pose(), rand_pose()
     map_T_cam = g.pose_compose(g.pose_compose(map_T_odom, odom_T_base), base_T_cam)
     map_T_base = g.camera_to_base(map_T_cam, base_T_cam)

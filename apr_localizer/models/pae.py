@@ -81,9 +81,7 @@ class PoseAutoEncoder(nn.Module):
             self.x_encoder = _mlp(3 * mult, c.encoder_dim, c.shallow_mlp)
             self.q_encoder = _mlp(4 * mult, c.encoder_dim, c.shallow_mlp)
 
-    def encode_inputs(
-        self, pose: torch.Tensor, scene: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_inputs(self, pose: torch.Tensor, scene: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """MLP inputs ``([PE(x) ‖ PE(scene)] (B,52), [PE(q) ‖ PE(scene)] (B,65))`` (multi-scene)."""
         c = self.config
         x, q = pose[..., :3], pose[..., 3:7]

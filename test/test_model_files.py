@@ -244,11 +244,15 @@ def test_kill_during_model_write_keeps_the_old_file_and_cleans_the_temporary(tmp
     old = path.read_bytes()
     code = _WRITER.format(repo=str(REPO_ROOT), test=str(REPO_ROOT / "test"), path=str(path))
     saw_orphan = False
-    for attempt in range(6):
+    for _attempt in range(10):
         proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
         try:
             assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
-            time.sleep(0.3 + 0.37 * attempt)
+            # Kill as soon as a temporary exists, i.e. inside a write (not after a guessed delay, which depends on
+            # the machine's load); a write that finishes first just means another attempt.
+            deadline = time.monotonic() + 60.0
+            while not _tmp_files(tmp_path) and time.monotonic() < deadline:
+                time.sleep(0.0005)
             os.kill(proc.pid, signal.SIGKILL)
         finally:
             proc.wait(timeout=30)

@@ -734,16 +734,16 @@ class LocalizerNode(LifecycleNode):
 def main(args: list[str] | None = None) -> int:
     """Run the node until SIGINT/SIGTERM; return the process exit code (0 on a clean shutdown).
 
-    The first signal aborts a configure in progress and ends the spin; a second one interrupts whatever runs (the
-    ``finally`` still shuts the node and the context down, so no shared-memory segment is left behind).
+    A signal aborts a configure in progress (between its steps) and a pending ``~/relocalize``, and ends the spin; the
+    node and the context are then shut down, so no shared-memory segment is left behind. Further signals repeat the
+    abort and never raise: an exception thrown into the main thread could leave the node half-built (its DDS
+    participant, and the participant's shared-memory segments, never destroyed) or skip the clean-up.
     """
     rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
     stop = threading.Event()
     node: LocalizerNode | None = None
 
     def request_stop(signum: int, _frame: Any) -> None:
-        if stop.is_set():
-            raise KeyboardInterrupt
         stop.set()
         if node is not None:
             node.request_abort()

@@ -43,7 +43,7 @@ def data(tmp_path_factory) -> Path:
 
 
 def _cli(trainer: str, data: Path, out: Path, *extra: str) -> list[str]:
-    return ["-m", "apr_training.train.cli", trainer, "--data", str(data), "--labels", str(data / "train.csv"),
+    return ["-m", "apr_training.cli.train", trainer, "--data", str(data), "--labels", str(data / "train.csv"),
             "--out", str(out), "--config", str(data / "tiny.yaml"), "--device", "cpu", "--log-level", "WARNING",
             *extra]  # fmt: skip
 

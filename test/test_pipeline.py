@@ -61,7 +61,7 @@ def write_tiny_dataset(root: Path, scenes=("alpha", "beta"), seqs: int = 3, fram
 
 
 def _command(root: Path, csv: Path, out: Path, resume: bool = False) -> list[str]:
-    cmd = [sys.executable, "-m", "apr_training.train.cli", "pipeline", "--data", str(root), "--labels", str(csv),
+    cmd = [sys.executable, "-m", "apr_training.cli.train", "pipeline", "--data", str(root), "--labels", str(csv),
            "--out", str(out), "--device", "cpu", "--max-steps", "6", "--no-progress"]  # fmt: skip
     for item in TINY:
         cmd += ["--set", item]

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from apr_training.train.cli import main
+from apr_training.cli.train import main
 from apr_training.train.config import ConfigError, TrainConfig, load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -490,7 +490,7 @@ def test_ddp_two_processes_on_cpu(data, tmp_path):
     out = tmp_path / "ddp"
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "apr_training.train.cli",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "apr_training.cli.train",
            "ms-transformer", "--data", str(data), "--labels", str(data / "train.csv"), "--out", str(out),
            "--config", str(data / "tiny.yaml"), "--epochs", "2", "--device", "cpu",
            "--log-level", "WARNING"]  # fmt: skip

@@ -1,6 +1,6 @@
 """Console scripts of apr_training: one module per command, imported lazily by the entry points below.
 
-``apr-train`` (:mod:`apr_training.train.cli`), ``apr-eval`` (:mod:`.eval`), ``apr-export``
+``apr-train`` (:mod:`apr_training.cli.train`), ``apr-eval`` (:mod:`.eval`), ``apr-export``
 (:mod:`.export`, library :mod:`apr_training.deploy`), ``apr-bench`` (:mod:`.bench`; ``apr-bench node`` →
 :mod:`.bench_node`), ``apr-synth`` (:mod:`.synth`), ``apr-eval-bag``
 (:mod:`.eval_bag`); ``python -m apr_training.cli.bag_player`` plays a bag. Shared argparse groups and the
@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 
 _COMMANDS = {
-    "train": ("apr_training.train.cli", "main"),
+    "train": ("apr_training.cli.train", "main"),
     "eval": ("apr_training.cli.eval", "main"),
     "export": ("apr_training.cli.export", "main"),
     "bench": ("apr_training.cli.bench", "main"),

@@ -4,17 +4,8 @@
 :mod:`.loop` the shared epoch loop (AMP, DDP, metrics), :mod:`.state` the resumable state and RNG,
 :mod:`.distributed` devices, DDP and the epoch sampler, :mod:`.helpers` what the trainers share (transforms, label
 reading, model loading, validation), one module per trainer, :mod:`.pipeline` ``apr-train pipeline`` (split by
-sequence → every trainer → uncertainty calibration → the model file the node loads), and :mod:`.cli` the command line
-(``main(argv) -> int``).
+sequence → every trainer → uncertainty calibration → the model file the node loads). The command line is
+:mod:`apr_training.cli.train`.
 """
 
 from __future__ import annotations
-
-__all__ = ["main"]
-
-
-def main(argv=None) -> int:
-    """Run ``apr-train`` with ``argv`` (see :func:`apr_training.train.cli.main`)."""
-    from .cli import main as _main
-
-    return _main(argv)

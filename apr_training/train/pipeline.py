@@ -319,7 +319,7 @@ def format_report(report: dict[str, Any]) -> str:
 def run_pipeline(opts: PipelineOptions, train_main: TrainMain) -> dict[str, Any]:
     """Run every stage not yet marked done; return the report (also ``<out>/report.json``).
 
-    ``train_main`` runs one trainer from ``apr-train`` arguments (:func:`apr_training.train.cli.main`; passed in so
+    ``train_main`` runs one trainer from ``apr-train`` arguments (:func:`apr_training.cli.train.main`; passed in so
     that this module does not import the command line that dispatches to it).
     """
     out = opts.out

@@ -42,13 +42,13 @@ examples:
   apr-train pae --teacher runs/ms7/best.safetensors --data /data/7Scenes --labels train.csv --out runs/pae7
   apr-train iapr --teacher runs/ms7/best.safetensors --pae runs/pae7/best.safetensors --labels train.csv ...
   apr-train ms-transformer --config synthetic --set optim.lr=3e-4 --max-steps 20 ...   (smoke run)
-  torchrun --nproc_per_node 4 -m apr_training.train.cli ms-transformer ...            (DDP)
+  torchrun --nproc_per_node 4 -m apr_training.cli.train ms-transformer ...            (DDP)
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser of ``apr-train``."""
-    from .config import TRAINERS
+    from ..train.config import TRAINERS
 
     p = argparse.ArgumentParser(
         prog="apr-train",
@@ -157,22 +157,22 @@ _MODEL_FILES = ("best.safetensors", "last.safetensors", "pairs.csv", "decoder_de
 
 def _task_class(trainer: str):
     if trainer == "ms-transformer":
-        from .ms_transformer import MSTransformerTask
+        from ..train.ms_transformer import MSTransformerTask
 
         return MSTransformerTask
     if trainer == "pae":
-        from .pae import PAETask
+        from ..train.pae import PAETask
 
         return PAETask
     if trainer == "iapr":
-        from .iapr import IAPRTask
+        from ..train.iapr import IAPRTask
 
         return IAPRTask
     if trainer == "posenet":
-        from .posenet import PoseNetTask
+        from ..train.posenet import PoseNetTask
 
         return PoseNetTask
-    from .decoder import DecoderTask
+    from ..train.decoder import DecoderTask
 
     return DecoderTask
 
@@ -182,12 +182,12 @@ def run_training(args: argparse.Namespace) -> int:
     import torch
     import yaml
 
-    from .config import TrainConfig, apply_overrides, default_config_name, load_config
-    from .distributed import barrier, init_distributed
-    from .helpers import write_val_split
-    from .loop import Trainer
-    from .state import STATE_FILE, load_train_state, seed_everything
-    from .task import Context, Paths, TrainError
+    from ..train.config import TrainConfig, apply_overrides, default_config_name, load_config
+    from ..train.distributed import barrier, init_distributed
+    from ..train.helpers import write_val_split
+    from ..train.loop import Trainer
+    from ..train.state import STATE_FILE, load_train_state, seed_everything
+    from ..train.task import Context, Paths, TrainError
 
     out: Path = args.out
     notes: list[str] = []
@@ -261,7 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["pipeline"]:  # apr-train pipeline: every trainer, calibration and packaging (its own options)
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         logging.getLogger("apr_training").setLevel(logging.INFO)
-        from .pipeline import pipeline_main
+        from ..train.pipeline import pipeline_main
 
         return pipeline_main(argv[1:], main)
     parser = build_parser()
@@ -271,8 +271,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from apr_localizer.checkpoints import CheckpointError
     from apr_training.datasets.labels import LabelError
 
-    from .config import ConfigError
-    from .task import NonFiniteLossError, TrainError
+    from ..train.config import ConfigError
+    from ..train.task import NonFiniteLossError, TrainError
 
     try:
         return run_training(args)
@@ -295,5 +295,5 @@ def _shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
-if __name__ == "__main__":  # torchrun -m apr_training.train.cli ...
+if __name__ == "__main__":  # torchrun -m apr_training.cli.train ...
     sys.exit(main())

@@ -46,3 +46,24 @@ def test_official_checkpoint_orientation_override(tmp_path, apr):
 def test_bad_orientation_is_refused(tmp_path, apr):
     with pytest.raises(CheckpointError, match="orientation"):
         save_model(tmp_path / "x.safetensors", apr, orientation="sideways")
+
+
+def test_label_tables_know_their_convention(tmp_path):
+    """``dataset.json`` beside a CSV (or in the data root) says what its quaternions mean; GT is compared as c2w."""
+    import json
+
+    from apr_training.datasets.labels import LabelError, LabelRow, read_labels, write_labels
+    from apr_training.evaluation.runner import LabelSource
+
+    q = g.quat_normalize(np.array([0.9, 0.1, -0.3, 0.2]))
+    csv = write_labels(tmp_path / "t.csv", [LabelRow("s", "test", "seq1", "a.png", (1.0, 2.0, 3.0, *q))])
+    assert read_labels(csv).orientation == "camera_to_world"
+    np.testing.assert_array_equal(read_labels(csv).camera_to_world_pose(), read_labels(csv).pose)
+    (tmp_path / "dataset.json").write_text(json.dumps({"orientation": "world_to_camera"}))
+    table = read_labels(csv)
+    assert table.orientation == "world_to_camera" and table.take([0]).orientation == "world_to_camera"
+    np.testing.assert_allclose(table.camera_to_world_pose()[0], [1, 2, 3, *g.quat_conjugate(q)])
+    np.testing.assert_allclose(LabelSource(table).gt[0], [1, 2, 3, *g.quat_conjugate(q)])
+    (tmp_path / "dataset.json").write_text(json.dumps({"orientation": "upside_down"}))
+    with pytest.raises(LabelError, match="orientation must be one of"):
+        read_labels(csv)

@@ -532,3 +532,16 @@ def test_resized_image_cache_in_training(data, tmp_path):
                 "--set", "data.cache_max_gib=0.0001") == 0  # fmt: skip
     assert (out / "image_cache_train_36.npy").is_file() and (out / "image_cache_train_36.json").is_file()
     assert (out / "curves.png").is_file() and (out / "summary.json").is_file()
+
+
+def test_trainer_records_the_label_orientation_convention(tmp_path):
+    """Upstream Cambridge CSVs (dataset.json: world_to_camera) give a bundle that says so; the node publishes c2w."""
+    from apr_localizer.checkpoints import load_model
+
+    root = tmp_path / "data"
+    _write_dataset(root, frames_per_scene=2)
+    (root / "tiny.yaml").write_text(TINY)
+    (root / "dataset.json").write_text(json.dumps({"orientation": "world_to_camera"}))
+    out = tmp_path / "ms"
+    assert _run("ms-transformer", root, out, "--max-steps", "1") == 0
+    assert load_model(out / "last.safetensors").orientation == "world_to_camera"

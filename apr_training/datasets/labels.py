@@ -28,13 +28,16 @@ from typing import NamedTuple
 import numpy as np
 
 from apr_localizer.fileio import atomic_write_text
-from apr_localizer.geometry import quat_normalize
+from apr_localizer.geometry import quat_conjugate, quat_normalize
 
 __all__ = [
+    "DATASET_METADATA",
     "LABEL_COLUMNS",
+    "ORIENTATIONS",
     "LabelError",
     "LabelRow",
     "LabelTable",
+    "label_orientation",
     "read_labels",
     "resolve_scene_ids",
     "split_by_sequence",
@@ -43,6 +46,9 @@ __all__ = [
 ]
 
 LABEL_COLUMNS: tuple[str, ...] = ("scene", "split", "seq", "img_path", "t1", "t2", "t3", "q1", "q2", "q3", "q4")
+# The dataset description written by apr-data beside its CSVs; its "orientation" says what q1..q4 mean.
+DATASET_METADATA = "dataset.json"
+ORIENTATIONS = ("camera_to_world", "world_to_camera")
 _MISSING_SHOWN = 5
 
 
@@ -83,6 +89,7 @@ class LabelTable:
     scene_id: np.ndarray
     root: Path | None = None
     source: Path | None = field(default=None, compare=False)
+    orientation: str = "camera_to_world"
 
     def __post_init__(self) -> None:
         """Check that all columns have the same length and the arrays their documented shapes and dtypes."""
@@ -98,6 +105,18 @@ class LabelTable:
     def __len__(self) -> int:
         """Return the number of rows."""
         return len(self.img_path)
+
+    def camera_to_world_pose(self) -> np.ndarray:
+        """``(N, 7)`` poses with the camera-to-world orientation whatever the file's convention.
+
+        Upstream Cambridge Landmarks labels hold the world-to-camera rotation (VisualSFM) with the camera centre: the
+        quaternion is conjugated; 7-Scenes, synthetic and bag labels are already camera-to-world.
+        """
+        if self.orientation != "world_to_camera":
+            return self.pose
+        out = self.pose.copy()
+        out[:, 3:] = quat_conjugate(out[:, 3:])
+        return out
 
     @classmethod
     def from_rows(
@@ -147,6 +166,7 @@ class LabelTable:
             self.scene_id[idx].copy(),
             root=self.root,
             source=self.source,
+            orientation=self.orientation,
         )
 
     def where(self, split: str | None = None, scene: str | None = None) -> LabelTable:
@@ -299,7 +319,34 @@ def read_labels(
     scenes, ids = resolve_scene_ids(cols["scene"], scene_names, source=path)
     root = Path(dataset_root) if dataset_root is not None else path.parent
     pose = np.asarray(poses, dtype=np.float64).reshape(-1, 7)
-    return LabelTable(scenes, cols["scene"], cols["split"], cols["seq"], cols["img_path"], pose, ids, root, path)
+    orientation = label_orientation(path, dataset_root)
+    return LabelTable(
+        scenes, cols["scene"], cols["split"], cols["seq"], cols["img_path"], pose, ids, root, path, orientation
+    )
+
+
+def label_orientation(csv_path: str | Path, dataset_root: str | Path | None = None) -> str:
+    """Return what a label CSV's quaternions mean: ``orientation`` in the ``dataset.json`` beside it (or the root).
+
+    ``camera_to_world`` when there is no such file (7-Scenes, synthetic and bag extracts are camera-to-world);
+    ``world_to_camera`` for the upstream-compatible Cambridge Landmarks CSVs of ``apr-data prepare``.
+    """
+    import json
+
+    path = Path(csv_path)
+    for directory in (path.parent, Path(dataset_root) if dataset_root is not None else None):
+        meta = directory / DATASET_METADATA if directory is not None else None
+        if meta is None or not meta.is_file():
+            continue
+        try:
+            doc = json.loads(meta.read_text(encoding="utf-8")[: 1 << 20])
+        except (OSError, ValueError) as e:
+            raise LabelError(f"{meta} (the description of {path.name}) is not readable JSON ({e})") from None
+        value = doc.get("orientation", "camera_to_world") if isinstance(doc, dict) else None
+        if value not in ORIENTATIONS:
+            raise LabelError(f"{meta}: orientation must be one of {', '.join(ORIENTATIONS)}, got {value!r}")
+        return str(value)
+    return "camera_to_world"
 
 
 def write_labels(path: str | Path, rows: LabelTable | Iterable[LabelRow | Sequence | Mapping]) -> Path:

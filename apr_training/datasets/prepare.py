@@ -44,7 +44,7 @@ import numpy as np
 from apr_localizer.fileio import atomic_write_text
 from apr_localizer.geometry import matrix_to_quat, quat_conjugate
 
-from .labels import LabelRow, LabelTable, write_labels
+from .labels import DATASET_METADATA, LabelRow, LabelTable, write_labels
 from .pairs import generate_pairs, make_subset, subset_csv_path, write_pairs
 
 __all__ = [
@@ -60,7 +60,7 @@ __all__ = [
 
 log = logging.getLogger("apr_training.datasets.prepare")
 
-METADATA_FILE = "dataset.json"
+METADATA_FILE = DATASET_METADATA
 CAMBRIDGE_FOUR = ("KingsCollege", "OldHospital", "ShopFacade", "StMarysChurch")
 CAMBRIDGE_FIVE = ("GreatCourt", *CAMBRIDGE_FOUR)
 _ROT_TOL = 1e-3  # |R^T R - I| and |det R - 1| tolerated in a pose.txt (the files hold 6-7 significant digits)

@@ -90,12 +90,17 @@ class FrameSource(Protocol):
 
 
 class LabelSource:
-    """Frames of a label table: image files (read with ``load_rgb``) and the table's poses as ground truth."""
+    """Frames of a label table: image files (read with ``load_rgb``) and the table's poses as ground truth.
+
+    The ground truth is camera-to-world whatever the CSV's convention (:meth:`LabelTable.camera_to_world_pose`), like
+    every :class:`~apr_localizer.localizer.Estimate`.
+    """
 
     load_stage = "load"
 
     def __init__(self, table: LabelTable, rows: Sequence[int] | np.ndarray | None = None) -> None:
         self.table = table
+        self.gt = table.camera_to_world_pose()
         self.rows = np.arange(len(table)) if rows is None else np.asarray(rows, dtype=np.int64)
 
     def __len__(self) -> int:
@@ -112,7 +117,7 @@ class LabelSource:
                 rgb = load_rgb(path)
             except ValueError as e:
                 raise EvalError(str(e)) from None
-            yield Frame(int(self.rows[i]), rgb, (time.perf_counter() - t0) * 1e3, self.table.pose[i])
+            yield Frame(int(self.rows[i]), rgb, (time.perf_counter() - t0) * 1e3, self.gt[i])
 
 
 class BagSource:

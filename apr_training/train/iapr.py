@@ -153,6 +153,7 @@ class IAPRTask(Task):
             labels = read_label_table(ctx.paths.labels, ctx.paths.data, names or cfg.data.scene_names)
             check_scene_count(cfg, labels.scenes, ctx.paths.labels)
         self.scene_names = list(labels.scenes)
+        self.orientation = labels.orientation  # the labels' quaternion convention, kept in the bundle
         pae, pae_names = (None, None)
         if pae_path is not None:
             pae, pae_names = load_pae(pae_path)
@@ -312,7 +313,7 @@ class IAPRTask(Task):
 
         prov = provenance(self.ctx, {k: self.inputs.get(k) for k in ("teacher", "pae", "pairs")})
         save_model(path, self.apr, iapr=self.iapr, pae=self.standalone_pae, scene_names=self.scene_names,
-                   preprocess=self.preprocess, provenance=prov)  # fmt: skip
+                   preprocess=self.preprocess, provenance=prov, orientation=self.orientation)  # fmt: skip
 
     def export_official(self, out_dir: Path) -> list[Path]:
         from apr_localizer.checkpoints import save_official_checkpoint

@@ -155,6 +155,7 @@ class MSTransformerTask(Task):
                 ", ".join(sorted({".".join(n.split(".")[:1]) for n in trainable})),
             )
         self.scene_names = list(labels.scenes)
+        self.orientation = labels.orientation  # the labels' quaternion convention, kept in the bundle
         self.labels = labels
         self.find_unused_parameters = model.config.per_scene_heads  # heads of scenes absent from a batch: no grad
         from apr_training.datasets.torch_datasets import CameraPoseDataset
@@ -202,7 +203,8 @@ class MSTransformerTask(Task):
         from apr_localizer.checkpoints import save_model
 
         save_model(path, self.model, scene_names=self.scene_names, preprocess=self.base_preprocess,
-                   provenance=provenance(self.ctx, {"init": self.inputs.get("init")}))  # fmt: skip
+                   provenance=provenance(self.ctx, {"init": self.inputs.get("init")}),
+                   orientation=self.orientation)  # fmt: skip
 
     def export_official(self, out_dir: Path) -> list[Path]:
         from apr_localizer.checkpoints import save_official_checkpoint

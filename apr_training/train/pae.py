@@ -217,6 +217,7 @@ class PAETask(Task):
         self.teacher = freeze(teacher)
         self.teacher_preprocess = preprocess
         self.scene_names = list(labels.scenes)
+        self.orientation = labels.orientation  # the labels' quaternion convention, kept in the bundle
         self.labels = labels
         torch.manual_seed(cfg.run.seed)
         self.pae = build_pae(pae_cfg)
@@ -302,7 +303,8 @@ class PAETask(Task):
         from .helpers import preprocess_dict
 
         save_model(path, self.teacher, pae=self.pae, scene_names=self.scene_names,
-                   preprocess=preprocess or preprocess_dict(self.cfg), provenance=prov)  # fmt: skip
+                   preprocess=preprocess or preprocess_dict(self.cfg), provenance=prov,
+                   orientation=self.orientation)  # fmt: skip
 
     def export_official(self, out_dir: Path) -> list[Path]:
         from apr_localizer.checkpoints import save_official_checkpoint

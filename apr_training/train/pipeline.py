@@ -186,7 +186,9 @@ def measure_validation(model: Path, opts: PipelineOptions) -> dict[str, Any]:
         for name in scores:
             scores[name].append(ests[-1].scores[name])
     loc.close()
-    return {"gt": val.unit_poses(), "steps": np.stack(steps), "scores": {k: np.asarray(v) for k, v in scores.items()},
+    gt = val.camera_to_world_pose().copy()  # the Localizer's estimates are camera-to-map whatever the labels say
+    gt[:, 3:] /= np.linalg.norm(gt[:, 3:], axis=1, keepdims=True)
+    return {"gt": gt, "steps": np.stack(steps), "scores": {k: np.asarray(v) for k, v in scores.items()},
             "pae_ms": float(np.nanmedian(pae_ms)) if pae_ms else math.nan}  # fmt: skip
 
 
@@ -290,7 +292,7 @@ def _package(opts: PipelineOptions, report: dict[str, Any]) -> Path:
     path = opts.out / "model.safetensors"
     dtype = torch.float16 if opts.fp16 else torch.float32
     save_model(path, b.apr, b.iapr, b.pae, b.scene_names, b.preprocess, prov, dtype, uncertainty=cal,
-               camera=_camera(opts))  # fmt: skip
+               camera=_camera(opts), orientation=b.orientation)  # fmt: skip
     atomic_write_text(opts.out / "report.json", json.dumps(report, indent=2) + "\n")
     _mark(opts.out, "package", {"model": str(path)})
     return path

@@ -38,7 +38,7 @@ setup(
             "apr-bench = apr_training.cli:bench_main",
             "apr-synth = apr_training.cli:synth_main",
             "apr-eval-bag = apr_training.cli:eval_bag_main",
-            "apr-pairs = apr_training.datasets.pairs:pairs_main",
+            "apr-pairs = apr_training.cli.pairs:main",
             "apr-data = apr_training.cli.data:main",
         ],
     },

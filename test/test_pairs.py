@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from apr_localizer.geometry import flip_relative, relative_pose, rotation_error_deg
+from apr_training.cli.pairs import main as apr_pairs_main
 from apr_training.datasets import (
     PAIR_COLUMNS,
     LabelError,
@@ -16,7 +17,6 @@ from apr_training.datasets import (
     generate_pairs,
     make_pairs,
     make_subset,
-    pairs_main,
     read_labels,
     read_pairs,
     subset_csv_path,
@@ -222,17 +222,17 @@ def test_write_subsets_naming(tmp_path: Path) -> None:
 
 def test_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     csv = write_labels(tmp_path / "train.csv", LABELS)
-    assert pairs_main(["subsets", str(csv), "--fractions", "0.5", "--seed", "3"]) == 0
+    assert apr_pairs_main(["subsets", str(csv), "--fractions", "0.5", "--seed", "3"]) == 0
     subset = tmp_path / "train.csv_0.5_subset.csv"
     assert subset.is_file()
     out = tmp_path / "pairs.csv"
     args = ["generate", str(csv), str(out), "--max-distance", "0.5", "--max-angle", "30", "--seed", "2"]
-    assert pairs_main([*args, "--subset", str(subset)]) == 0
+    assert apr_pairs_main([*args, "--subset", str(subset)]) == 0
     assert "pairs from 200 frames" in capsys.readouterr().out
     written = read_pairs(out)
     expected = generate_pairs(LABELS, 0.5, 30, seed=2, subset=read_labels(subset))
     assert _keys(written) == _keys(expected)
     missing = ["generate", str(tmp_path / "missing.csv"), str(out), "--max-distance", "1", "--max-angle", "5"]
-    assert pairs_main(missing) == 2
+    assert apr_pairs_main(missing) == 2
     assert "missing.csv does not exist" in capsys.readouterr().err
-    assert pairs_main([*args, "--split", "val"]) == 2
+    assert apr_pairs_main([*args, "--split", "val"]) == 2

@@ -45,6 +45,7 @@ __all__ = [
     "diag_values",
     "node_command",
     "prepare_ros_environment",
+    "subprocess_env",
     "ros_environment",
     "wait_until",
     "write_params",
@@ -117,6 +118,33 @@ def prepare_ros_environment(
     if not env.get("AMENT_PREFIX_PATH"):
         env["AMENT_PREFIX_PATH"] = changed["AMENT_PREFIX_PATH"] = sys.prefix
     return changed
+
+
+def subprocess_env(
+    log_dir: str | Path,
+    *,
+    exclude_domain: int | None = None,
+    pythonpath: str | Path | None = None,
+    base: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """Environment for ROS processes started by a tool or a test: a private domain, their own ``ROS_LOG_DIR``.
+
+    A copy of ``base`` (default ``os.environ``) with LOCALHOST discovery, a random ``ROS_DOMAIN_ID`` of
+    :data:`DOMAIN_RANGE` other than ``exclude_domain`` (so processes of one test never meet another's), ``ROS_LOG_DIR``
+    ``log_dir``, unbuffered Python output, ``pythonpath`` (e.g. a source checkout) first on ``PYTHONPATH``, and the
+    defaults of :func:`prepare_ros_environment` (Fast DDS shared-memory profile, ``AMENT_PREFIX_PATH``).
+    """
+    env = dict(os.environ if base is None else base)
+    env.update(
+        ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST",
+        ROS_DOMAIN_ID=str(random.SystemRandom().choice([d for d in DOMAIN_RANGE if d != exclude_domain])),
+        ROS_LOG_DIR=str(log_dir),
+        PYTHONUNBUFFERED="1",
+    )
+    if pythonpath is not None:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(pythonpath), env.get("PYTHONPATH", "")) if p)
+    prepare_ros_environment(env)
+    return env
 
 
 @contextlib.contextmanager

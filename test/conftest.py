@@ -9,7 +9,6 @@ same variables; this makes a bare ``python -m pytest`` safe as well.
 from __future__ import annotations
 
 import os
-import random
 import shutil
 import sys
 import tempfile
@@ -20,8 +19,7 @@ from typing import Any
 
 import pytest
 
-from apr_training.ros_harness import DOMAIN_RANGE as _DOMAIN_RANGE  # the one domain-id policy
-from apr_training.ros_harness import prepare_ros_environment
+from apr_training.ros_harness import prepare_ros_environment, subprocess_env
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FASTDDS_PROFILE = REPO_ROOT / "config" / "fastdds_shm_big.xml"
@@ -180,11 +178,6 @@ def venv_bin() -> Callable[[str], Path]:
     return find_console_script
 
 
-def _other_domain_id() -> int:
-    session = int(os.environ["ROS_DOMAIN_ID"])
-    return random.SystemRandom().choice([d for d in _DOMAIN_RANGE if d != session])
-
-
 @pytest.fixture
 def ros_env(tmp_path: Path) -> dict[str, str]:
     """Environment for ROS subprocesses of one test: a per-test ROS_DOMAIN_ID and ROS_LOG_DIR under tmp_path.
@@ -195,18 +188,56 @@ def ros_env(tmp_path: Path) -> dict[str, str]:
     """
     log_dir = tmp_path / "ros_log"
     log_dir.mkdir()
-    env = dict(os.environ)
-    env.update(
-        ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST",
-        ROS_DOMAIN_ID=str(_other_domain_id()),
-        ROS_LOG_DIR=str(log_dir),
-        AMENT_PREFIX_PATH=os.environ.get("AMENT_PREFIX_PATH", sys.prefix),
-        PYTHONPATH=os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p),
-        PYTHONUNBUFFERED="1",
-    )
-    if FASTDDS_PROFILE.is_file():
-        env["FASTDDS_DEFAULT_PROFILES_FILE"] = str(FASTDDS_PROFILE)
-    return env
+    return subprocess_env(log_dir, exclude_domain=int(os.environ["ROS_DOMAIN_ID"]), pythonpath=REPO_ROOT)
+
+
+@pytest.fixture(scope="module")
+def node_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Like ``ros_env``, for a whole test module (one domain for its node processes and its :class:`RosHarness`)."""
+    log_dir = tmp_path_factory.mktemp("ros_log")
+    return subprocess_env(log_dir, exclude_domain=int(os.environ["ROS_DOMAIN_ID"]), pythonpath=REPO_ROOT)
+
+
+@pytest.fixture(scope="module")
+def harness(node_env: dict[str, str], request: pytest.FixtureRequest) -> Iterator[Any]:
+    """Yield an in-process rclpy driver node on the module's ``node_env`` domain (pubs, subs, services)."""
+    from apr_training.ros_harness import RosHarness
+
+    h = RosHarness(int(node_env["ROS_DOMAIN_ID"]), name=f"{request.module.__name__.rsplit('.', 1)[-1]}_driver")
+    yield h
+    h.close()
+
+
+REFERENCE_CHECKPOINT = "checkpoints/ms_transformer_7scenes_t2-2_rot1-1.pth"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(reference_dir: Path) -> Path:
+    """Return the reference MS-Transformer checkpoint (official format, 7 scenes)."""
+    return reference_dir / REFERENCE_CHECKPOINT
+
+
+@pytest.fixture(scope="module")
+def frames(reference_dir: Path) -> list[Any]:
+    """Return the four 480x640 reference frames as RGB uint8 arrays."""
+    import numpy as np
+    from PIL import Image as PILImage
+
+    return [np.asarray(PILImage.open(reference_dir / "raw_images" / f"raw_{i}.png").convert("RGB")) for i in range(4)]
+
+
+@pytest.fixture(scope="module")
+def direct(checkpoint: Path) -> Iterator[Any]:
+    """Yield the Localizer the node tests start, run in this process (torch CPU, 1 thread like those nodes)."""
+    import torch
+
+    from apr_localizer.localizer import Localizer, LocalizerOptions
+
+    threads = torch.get_num_threads()
+    loc = Localizer.from_files(checkpoint, options=LocalizerOptions(backend="torch", device="cpu", threads=1))
+    yield loc
+    loc.close()
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

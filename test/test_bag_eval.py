@@ -22,7 +22,6 @@ import pytest
 from apr_localizer import geometry
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-CHECKPOINT = "checkpoints/ms_transformer_7scenes_t2-2_rot1-1.pth"
 IMAGE_TOPIC = "/cam/image_raw"
 INFO_TOPIC = "/cam/camera_info"
 GT_TOPIC = "/gt/pose"
@@ -183,11 +182,6 @@ def write_eval_bag(
                 )
                 w.write(cg, gt_ns, ts.serialize_cdr(ps, "geometry_msgs/msg/PoseStamped"))
     return path
-
-
-@pytest.fixture(scope="module")
-def checkpoint(reference_dir) -> Path:
-    return reference_dir / CHECKPOINT
 
 
 @pytest.fixture(scope="module")

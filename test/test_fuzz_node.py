@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import os
-import random
 import threading
 import time
 from collections.abc import Callable
@@ -169,27 +168,6 @@ class FuzzedNode:
         if self.transport == "raw":
             return ros_convert.rgb_to_image(rgb, stamp=_now(), frame_id=CAMERA_FRAME)
         return ros_convert.rgb_to_compressed(rgb, "png", stamp=_now(), frame_id=CAMERA_FRAME)
-
-
-@pytest.fixture(scope="module")
-def node_env(tmp_path_factory) -> dict[str, str]:
-    session = int(os.environ["ROS_DOMAIN_ID"])
-    domain = random.SystemRandom().choice([d for d in range(1, 101) if d != session])
-    env = dict(os.environ)
-    env.update(
-        ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST",
-        ROS_DOMAIN_ID=str(domain),
-        ROS_LOG_DIR=str(tmp_path_factory.mktemp("ros_log")),
-        PYTHONUNBUFFERED="1",
-    )
-    return env
-
-
-@pytest.fixture(scope="module")
-def harness(node_env):
-    h = RosHarness(int(node_env["ROS_DOMAIN_ID"]), name="fuzz_driver")
-    yield h
-    h.close()
 
 
 @pytest.fixture(scope="module")

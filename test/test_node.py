@@ -8,8 +8,6 @@ same :class:`Localizer` directly to check the published poses. Every wait is on 
 
 from __future__ import annotations
 
-import os
-import random
 import threading
 import time
 from pathlib import Path
@@ -30,7 +28,6 @@ from apr_localizer import geometry, ros_convert
 from apr_training.ros_harness import WAIT_S, NodeProcess, RosHarness, diag_values, wait_until, write_params
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-CHECKPOINT = "checkpoints/ms_transformer_7scenes_t2-2_rot1-1.pth"
 NODE = "apr_localizer"
 IMAGE_TOPIC = "/test/camera/image_raw"
 CAMERA_FRAME = "cam_optical"
@@ -46,58 +43,6 @@ except ImportError:  # pragma: no cover - the infra build provides it
 
 
 # --------------------------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def node_env(tmp_path_factory) -> dict[str, str]:
-    """Subprocess environment on a private domain for this module (LOCALHOST discovery, own ROS_LOG_DIR)."""
-    session = int(os.environ["ROS_DOMAIN_ID"])
-    domain = random.SystemRandom().choice([d for d in range(1, 101) if d != session])
-    env = dict(os.environ)
-    env.update(
-        ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST",
-        ROS_DOMAIN_ID=str(domain),
-        ROS_LOG_DIR=str(tmp_path_factory.mktemp("ros_log")),
-        PYTHONPATH=os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p),
-        PYTHONUNBUFFERED="1",
-    )
-    profile = REPO_ROOT / "config" / "fastdds_shm_big.xml"
-    if profile.is_file():
-        env["FASTDDS_DEFAULT_PROFILES_FILE"] = str(profile)
-    return env
-
-
-@pytest.fixture(scope="module")
-def harness(node_env):
-    h = RosHarness(int(node_env["ROS_DOMAIN_ID"]), name="node_test_driver")
-    yield h
-    h.close()
-
-
-@pytest.fixture(scope="module")
-def checkpoint(reference_dir) -> Path:
-    return reference_dir / CHECKPOINT
-
-
-@pytest.fixture(scope="module")
-def frames(reference_dir) -> list[np.ndarray]:
-    from PIL import Image as PILImage
-
-    return [np.asarray(PILImage.open(reference_dir / "raw_images" / f"raw_{i}.png").convert("RGB")) for i in range(4)]
-
-
-@pytest.fixture(scope="module")
-def direct(checkpoint):
-    """Run the same Localizer as the node in this process (torch CPU, 1 thread like the node)."""
-    import torch
-
-    from apr_localizer.localizer import Localizer, LocalizerOptions
-
-    threads = torch.get_num_threads()
-    loc = Localizer.from_files(checkpoint, options=LocalizerOptions(backend="torch", device="cpu", threads=1))
-    yield loc
-    loc.close()
-    torch.set_num_threads(threads)
-
-
 def _base_params(checkpoint: Path, **extra) -> dict:
     params = {
         "autostart": False,

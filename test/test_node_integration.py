@@ -8,8 +8,6 @@ wait is on a count, stamp or value with a timeout; nothing asserts a duration.
 
 from __future__ import annotations
 
-import os
-import random
 import signal
 import threading
 import time
@@ -37,7 +35,6 @@ tf2_msgs = pytest.importorskip("tf2_msgs.msg")
 TFMessage = tf2_msgs.TFMessage
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-CHECKPOINT = "checkpoints/ms_transformer_7scenes_t2-2_rot1-1.pth"
 RELIABLE = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE, history=HistoryPolicy.KEEP_LAST)
 STATIC = QoSProfile(
     depth=10,
@@ -52,54 +49,6 @@ TOLERANCE_S = 2.0
 
 
 # --------------------------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def node_env(tmp_path_factory) -> dict[str, str]:
-    session = int(os.environ["ROS_DOMAIN_ID"])
-    domain = random.SystemRandom().choice([d for d in range(1, 101) if d != session])
-    env = dict(os.environ)
-    env.update(
-        ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST",
-        ROS_DOMAIN_ID=str(domain),
-        ROS_LOG_DIR=str(tmp_path_factory.mktemp("ros_log")),
-        PYTHONPATH=os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p),
-        PYTHONUNBUFFERED="1",
-        FASTDDS_DEFAULT_PROFILES_FILE=str(REPO_ROOT / "config" / "fastdds_shm_big.xml"),
-    )
-    return env
-
-
-@pytest.fixture(scope="module")
-def harness(node_env):
-    h = RosHarness(int(node_env["ROS_DOMAIN_ID"]), name="integration_driver")
-    yield h
-    h.close()
-
-
-@pytest.fixture(scope="module")
-def checkpoint(reference_dir) -> Path:
-    return reference_dir / CHECKPOINT
-
-
-@pytest.fixture(scope="module")
-def frames(reference_dir) -> list[np.ndarray]:
-    from PIL import Image as PILImage
-
-    return [np.asarray(PILImage.open(reference_dir / "raw_images" / f"raw_{i}.png").convert("RGB")) for i in range(4)]
-
-
-@pytest.fixture(scope="module")
-def direct(checkpoint):
-    import torch
-
-    from apr_localizer.localizer import Localizer, LocalizerOptions
-
-    threads = torch.get_num_threads()
-    loc = Localizer.from_files(checkpoint, options=LocalizerOptions(backend="torch", device="cpu", threads=1))
-    yield loc
-    loc.close()
-    torch.set_num_threads(threads)
-
-
 def _params(checkpoint: Path, **extra) -> dict:
     params = {
         "autostart": True,
@@ -408,10 +357,14 @@ def test_namespaced_best_effort_hint_refused_map_to_camera_and_error_diagnostics
 def test_a_signal_during_configure_aborts_it_and_a_second_one_exits_cleanly(tmp_path, node_env, checkpoint):
     name = "apr_signal"
     params_file = write_params(tmp_path / "params.yaml", _params(checkpoint), node_name=name)
+    # Segments that exist before the node starts belong to other participants (e.g. this module's harness, which the
+    # node maps once it discovers it): only the node's own segments must be gone after it exits.
+    others = {str(p) for p in Path("/dev/shm").glob("fast*")}
     node = NodeProcess(params_file, node_env, tmp_path / "node.log", extra_args=["-r", f"__node:={name}"])
     node.wait_log("created", timeout=60.0)
     maps = Path(f"/proc/{node.pid}/maps").read_text()  # Fast DDS shared-memory segments of this process
-    segments = {line.split()[-1] for line in maps.splitlines() if "/dev/shm/fast" in line and "port" not in line}
+    mapped = {line.split()[-1] for line in maps.splitlines() if "/dev/shm/fast" in line and "port" not in line}
+    segments = mapped - others
     assert segments, "the node maps no Fast DDS segment (FASTDDS_DEFAULT_PROFILES_FILE enables shared memory)"
     node.proc.send_signal(signal.SIGINT)
     node.proc.send_signal(signal.SIGINT)

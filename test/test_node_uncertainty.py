@@ -12,8 +12,6 @@ duration: every wait is on a count or value with a timeout.
 from __future__ import annotations
 
 import math
-import os
-import random
 import threading
 import time
 from pathlib import Path
@@ -81,22 +79,6 @@ def calibrated(tmp_path_factory):
     yield {"path": path, "loc": loc, "room": room, "noise": noise, "cal": cal, "scores": scores}
     loc.close()
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def node_env(tmp_path_factory) -> dict[str, str]:
-    session = int(os.environ["ROS_DOMAIN_ID"])
-    domain = random.SystemRandom().choice([d for d in range(1, 101) if d != session])
-    env = dict(os.environ)
-    env.update(
-        ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST",
-        ROS_DOMAIN_ID=str(domain),
-        ROS_LOG_DIR=str(tmp_path_factory.mktemp("ros_log")),
-        PYTHONPATH=os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p),
-        PYTHONUNBUFFERED="1",
-        FASTDDS_DEFAULT_PROFILES_FILE=str(REPO_ROOT / "config" / "fastdds_shm_big.xml"),
-    )
-    return env
 
 
 def _diag(harness: RosHarness, diags: list, name: str, predicate):

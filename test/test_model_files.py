@@ -26,11 +26,11 @@ from apr_localizer.checkpoints import (
     CheckpointError,
     load_model,
     load_official_checkpoint,
-    read_safetensors_header,
     save_model,
     to_official_state_dict,
 )
 from apr_localizer.localizer import Localizer, ModelLoadError
+from apr_localizer.safetensors_io import read_safetensors_header
 
 MB = 1024 * 1024
 

@@ -15,11 +15,10 @@ from apr_localizer.checkpoints import (
     METADATA_KEY,
     CheckpointError,
     load_model,
-    read_safetensors,
     save_model,
-    write_safetensors,
 )
 from apr_localizer.localizer import Localizer, LocalizerOptions
+from apr_localizer.safetensors_io import read_safetensors, write_safetensors
 from apr_localizer.uncertainty import Calibration, fit_calibration, score_frame
 
 CAL = Calibration("step_size", (0.05, 0.2, 0.5), (0.1, 0.4, 1.5), (0.05, 0.2, 0.6), rot_weight=0.5, frames=40)

@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import threading
-import time
 
 import numpy as np
 import onnx
@@ -222,12 +221,44 @@ def test_export_cache_key(shared_bundle, separate_bundle):
     assert k != export_cache_key(renamed, None, None, 1)
 
 
-def test_concurrent_exports_share_one_entry(tmp_path):
+def test_concurrent_exports_share_one_entry(tmp_path, monkeypatch):
+    """Two threads export the same bundle at once: the lock lets one export while the other waits, then reuses.
+
+    The threads start together (a barrier); the first export then holds the lock until the second thread is known to
+    be inside ``cached_onnx_export`` (or 2 s pass). Without the lock the second export would run concurrently and be
+    seen inside ``export_onnx`` at the same time.
+    """
+    import apr_localizer.backends.engine_cache as ec
+
     bundle = ModelBundle(apr=random_ms_transformer(seed=5))
     results, errors = [], []
+    start = threading.Barrier(2)
+    second_called = threading.Event()
+    inside, overlap = [0], [False]
+    real_export = ec.export_onnx
+    calls = [0]
+    lock = threading.Lock()
+
+    def export(*args, **kwargs):
+        with lock:
+            inside[0] += 1
+            overlap[0] |= inside[0] > 1
+        try:
+            second_called.wait(timeout=2.0)  # keep the first export running while the other thread arrives
+            return real_export(*args, **kwargs)
+        finally:
+            with lock:
+                inside[0] -= 1
+
+    monkeypatch.setattr(ec, "export_onnx", export)
 
     def work():
         try:
+            start.wait(timeout=30)
+            with lock:
+                calls[0] += 1
+                if calls[0] == 2:
+                    second_called.set()
             results.append(cached_onnx_export(bundle, tmp_path))
         except Exception as e:  # pragma: no cover - reported below
             errors.append(e)
@@ -238,6 +269,7 @@ def test_concurrent_exports_share_one_entry(tmp_path):
     for t in threads:
         t.join()
     assert not errors
+    assert not overlap[0], "two exports ran at the same time: the cache lock did not serialise them"
     assert sorted(r.reused for r in results) == [False, True]  # the lock made the second one wait and reuse
     assert len([p for p in (tmp_path / "onnx").iterdir() if p.is_dir()]) == 1
 
@@ -346,16 +378,30 @@ def test_engine_cache_get_or_build(tmp_path):
 
 
 def test_engine_cache_builds_once_under_concurrency(tmp_path):
+    """Three threads ask for the same engine at once (a barrier): one builds, the others wait on the lock and reuse it.
+
+    The build holds on until every thread has called ``get_or_build`` (or 2 s pass), so without the lock the other
+    threads would build too.
+    """
     cache = EngineCache(tmp_path)
     builds = []
+    start = threading.Barrier(3)
+    arrived = threading.Semaphore(0)
 
     def build() -> bytes:
         builds.append(1)
-        time.sleep(0.3)
+        for _ in range(2):  # the two other threads are past the barrier and inside get_or_build (or 2 s pass)
+            arrived.acquire(timeout=2.0)
         return b"ENGINE-X"
 
     out = []
-    threads = [threading.Thread(target=lambda: out.append(cache.get_or_build(_key(), build, bytes))) for _ in range(3)]
+
+    def work() -> None:
+        start.wait(timeout=30)
+        arrived.release()
+        out.append(cache.get_or_build(_key(), build, bytes))
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
     for t in threads:
         t.start()
     for t in threads:

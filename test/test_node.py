@@ -382,9 +382,11 @@ def test_flood_200hz_drops_are_counted_and_memory_stays_flat(main_node, harness,
         f"in transport {after['dropped_in_transport']}); latency p50/p90/p99 {after['latency_ms_p50']}/"
         f"{after['latency_ms_p90']}/{after['latency_ms_p99']} ms; RSS MB {[round(r / 2**20) for r in rss]}"
     )
-    assert sent / elapsed > 0.9 * rate
-    assert len(flood_poses) >= 10  # it kept publishing at its own pace (about 10 Hz on a free 2-core machine)
+    # Counts, not the machine's speed: the flood outpaced the node (the condition for dropping), every frame is
+    # accounted for as processed or dropped, and the node kept publishing at its own pace.
+    assert processed < sent
     assert dropped > 0 and processed + dropped >= 0.95 * sent
+    assert len(flood_poses) >= 10
     baseline, final = rss[3], rss[-1]  # after a few seconds of warm-up under load, and at the end
     assert final < baseline * 1.05 + 16 * 2**20, f"RSS grew from {baseline / 2**20:.0f} to {final / 2**20:.0f} MB"
     pose = out.publish_and_wait_pose(ros_convert.rgb_to_image(frames[3], stamp=_now(), frame_id=CAMERA_FRAME))

@@ -40,6 +40,7 @@ __all__ = [
     "quat_average",
     "quat_conjugate",
     "quat_from_ros",
+    "quat_from_rotvec",
     "quat_multiply",
     "quat_multiply_torch",
     "quat_normalize",
@@ -47,6 +48,7 @@ __all__ = [
     "quat_slerp",
     "quat_to_matrix",
     "quat_to_ros",
+    "quat_to_rotvec",
     "relative_pose",
     "rotation_error_deg",
     "rotation_error_deg_torch",
@@ -247,6 +249,27 @@ def iapr_update(neighbour, rel_pred) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------- error metrics
+def quat_to_rotvec(q) -> np.ndarray:
+    """Return rotation vectors ``(..., 3)`` (axis × angle, rad, angle in [0, π]) of w-first quaternions ``(..., 4)``.
+
+    The quaternion is normalised to ``w >= 0`` (the shorter rotation); small angles use the limit ``2·v``.
+    """
+    u = quat_normalize(q)
+    vn = np.linalg.norm(u[..., 1:], axis=-1)
+    angle = 2.0 * np.arctan2(vn, u[..., 0])
+    scale = np.where(vn > 1e-15, angle / np.maximum(vn, 1e-300), 2.0)
+    return u[..., 1:] * scale[..., None]
+
+
+def quat_from_rotvec(v) -> np.ndarray:
+    """Return unit w-first quaternions ``(..., 4)`` of rotation vectors ``(..., 3)`` (axis × angle, rad)."""
+    v = _as64(v)
+    angle = np.linalg.norm(v, axis=-1)
+    axis = v / np.maximum(angle, 1e-12)[..., None]
+    half = angle / 2.0
+    return np.concatenate([np.cos(half)[..., None], np.sin(half)[..., None] * axis], axis=-1)
+
+
 def position_error(est, gt) -> np.ndarray:
     """Euclidean position error in metres, ``(...)``, from poses or positions ``(..., >=3)``."""
     return np.linalg.norm(_as64(est)[..., :3] - _as64(gt)[..., :3], axis=-1)

@@ -144,3 +144,16 @@ def test_batched_functions():
     for i in range(5):
         np.testing.assert_allclose(batched[i], g.pose_compose(a[i], b[i]), atol=1e-12)
     assert g.rotation_error_deg(a[:, 3:], b[:, 3:]).shape == (5,)
+
+
+def test_rotation_vectors_round_trip_and_match_transforms3d():
+    rng = np.random.default_rng(5)
+    axes = rng.normal(size=(50, 3))
+    axes /= np.linalg.norm(axes, axis=1, keepdims=True)
+    angles = rng.uniform(0.0, np.pi, 50)
+    q = np.array([tq.axangle2quat(a, t) for a, t in zip(axes, angles)])
+    v = g.quat_to_rotvec(q)
+    np.testing.assert_allclose(v, axes * angles[:, None], atol=1e-9)
+    np.testing.assert_allclose(g.quat_to_rotvec(-q), v, atol=1e-9)  # q and -q: the same (shorter) rotation
+    np.testing.assert_allclose(g.quat_from_rotvec(v), g.quat_normalize(q), atol=1e-9)
+    np.testing.assert_allclose(g.quat_to_rotvec([1.0, 1e-18, 0.0, 0.0]), [2e-18, 0.0, 0.0])

@@ -25,7 +25,15 @@ from pathlib import Path
 import numpy as np
 
 from apr_localizer.fileio import atomic_write_text
-from apr_localizer.geometry import quat_conjugate, quat_multiply, quat_normalize, relative_pose, rotation_error_deg
+from apr_localizer.geometry import (
+    quat_conjugate,
+    quat_from_rotvec,
+    quat_multiply,
+    quat_normalize,
+    quat_to_rotvec,
+    relative_pose,
+    rotation_error_deg,
+)
 
 from .labels import LabelError, LabelTable, parse_pose_fields, read_labels, write_labels
 
@@ -354,10 +362,8 @@ def apr_error_vectors(est: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.n
     est, gt = np.asarray(est, np.float64).reshape(-1, 7), np.asarray(gt, np.float64).reshape(-1, 7)
     ok = np.isfinite(est).all(axis=1) & np.isfinite(gt).all(axis=1)
     est, gt = est[ok], gt[ok]
-    q = quat_normalize(quat_multiply(quat_conjugate(quat_normalize(gt[:, 3:])), quat_normalize(est[:, 3:])))
-    s = np.linalg.norm(q[:, 1:], axis=1)
-    angle = 2.0 * np.arctan2(s, q[:, 0])  # canonical q (w >= 0): angle in [0, pi]
-    return est[:, :3] - gt[:, :3], q[:, 1:] * (angle / np.maximum(s, 1e-12))[:, None]
+    q = quat_multiply(quat_conjugate(quat_normalize(gt[:, 3:])), quat_normalize(est[:, 3:]))
+    return est[:, :3] - gt[:, :3], quat_to_rotvec(q)
 
 
 def error_matched_pairs(
@@ -390,10 +396,8 @@ def error_matched_pairs(
     pick = rng.integers(0, len(off), n)
     f = rng.uniform(0.0, scale, n) * rng.choice([-1.0, 1.0], n)
     vec = f[:, None] * rv[pick]
-    angle = np.linalg.norm(vec, axis=1)
-    axis = vec / np.maximum(angle, 1e-12)[:, None]
-    half = np.minimum(angle, np.pi) / 2.0
-    dq = np.concatenate([np.cos(half)[:, None], np.sin(half)[:, None] * axis], axis=1)
+    vec *= np.minimum(1.0, np.pi / np.maximum(np.linalg.norm(vec, axis=1), 1e-12))[:, None]  # at most half a turn
+    dq = quat_from_rotvec(vec)
     pose_a = labels.unit_poses()[idx]
     pose_b = pose_a.copy()
     pose_b[:, :3] += f[:, None] * off[pick]

@@ -82,12 +82,7 @@ def axis_errors(est_poses: np.ndarray, gt_poses: np.ndarray) -> tuple[np.ndarray
         pos[valid] = est[valid, :3] - gt[valid, :3]
         qe = geometry.quat_normalize(est[valid, 3:], canonical=False)
         qg = geometry.quat_normalize(gt[valid, 3:], canonical=False)
-        d = geometry.quat_multiply(qe, geometry.quat_conjugate(qg))
-        d = np.where(d[:, :1] < 0, -d, d)  # the shorter rotation (angle in [0, pi])
-        vn = np.linalg.norm(d[:, 1:], axis=1)
-        angle = 2.0 * np.arctan2(vn, d[:, 0])
-        scale = np.where(vn > 1e-15, angle / np.maximum(vn, 1e-300), 2.0)  # small angles: 2·v
-        rot[valid] = d[:, 1:] * scale[:, None]
+        rot[valid] = geometry.quat_to_rotvec(geometry.quat_multiply(qe, geometry.quat_conjugate(qg)))
     return pos, rot
 
 

@@ -150,12 +150,9 @@ def _train(opts: PipelineOptions, train_main: TrainMain, trainer: str, extra: li
 
 def _rotvec(q_est: np.ndarray, q_gt: np.ndarray) -> np.ndarray:
     """Rotation vector ``(N,3)`` (rad) of the orientation error ``conj(q_gt) ⊗ q_est`` (per-axis error)."""
-    from apr_localizer.geometry import quat_conjugate, quat_multiply, quat_normalize
+    from apr_localizer.geometry import quat_conjugate, quat_multiply, quat_to_rotvec
 
-    q = quat_normalize(quat_multiply(quat_conjugate(q_gt), q_est))  # canonical: w >= 0, angle <= pi
-    s = np.linalg.norm(q[:, 1:], axis=1)
-    angle = 2.0 * np.arctan2(s, q[:, 0])
-    return q[:, 1:] * (angle / np.maximum(s, 1e-12))[:, None]
+    return quat_to_rotvec(quat_multiply(quat_conjugate(q_gt), q_est))
 
 
 def measure_validation(model: Path, opts: PipelineOptions) -> dict[str, Any]:

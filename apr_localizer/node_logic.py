@@ -17,7 +17,7 @@ import numpy as np
 from apr_localizer import geometry
 from apr_localizer.imaging import quote
 from apr_localizer.node_params import MAX_ECHO_CHARS, NodeConfig, frame_id_problem
-from apr_localizer.tf_buffer import TfBuffer, transform_msg_pose
+from apr_localizer.tf_buffer import TfBuffer, stamp_to_ns, transform_msg_pose
 
 __all__ = [
     "COUNTERS",
@@ -136,7 +136,7 @@ def feed_tf(buffer: TfBuffer, msg: Any, static: bool, skip: Collection[tuple[str
             continue
         try:
             pose = transform_msg_pose(tr.transform)  # raises ValueError for a zero or non-finite quaternion
-            stamp_ns = int(tr.header.stamp.sec) * 1_000_000_000 + int(tr.header.stamp.nanosec)
+            stamp_ns = stamp_to_ns(tr.header.stamp)
             if np.all(np.isfinite(pose)):
                 buffer.add_transform(parent, child, stamp_ns, pose, static)
         except (ValueError, OverflowError):

@@ -20,7 +20,7 @@ import numpy as np
 
 from .geometry import pose_compose, pose_inverse, quat_from_ros, quat_normalize, quat_slerp
 
-__all__ = ["TfBuffer", "transform_msg_pose"]
+__all__ = ["TfBuffer", "stamp_to_ns", "transform_msg_pose"]
 
 
 def transform_msg_pose(transform: Any) -> np.ndarray:
@@ -29,7 +29,8 @@ def transform_msg_pose(transform: Any) -> np.ndarray:
     return np.concatenate([[t.x, t.y, t.z], quat_normalize(quat_from_ros([r.x, r.y, r.z, r.w]))])
 
 
-def _stamp_ns(stamp: Any) -> int:
+def stamp_to_ns(stamp: Any) -> int:
+    """``builtin_interfaces/Time`` (anything with ``sec`` and ``nanosec``) → integer nanoseconds."""
     return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
 
 
@@ -148,7 +149,7 @@ class TfBuffer:
             self.add_transform(
                 tr.header.frame_id,
                 tr.child_frame_id,
-                _stamp_ns(tr.header.stamp),
+                stamp_to_ns(tr.header.stamp),
                 transform_msg_pose(tr.transform),
                 static,
             )

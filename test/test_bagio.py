@@ -10,7 +10,7 @@ import yaml
 
 from apr_localizer import geometry
 from apr_localizer.imaging import decode_compressed, encode_compressed
-from apr_localizer.tf_buffer import TfBuffer
+from apr_localizer.tf_buffer import TfBuffer, stamp_to_ns
 from apr_training.bags import io as bagio
 from apr_training.synthetic.render import Intrinsics
 from apr_training.synthetic.writer import render_sequence
@@ -76,7 +76,7 @@ def test_write_bag_topics_counts_hashes_and_stamps(tmp_path, frames, storage):
         if m.topic == "/tf_static":
             continue
         stamps = (
-            [bagio.stamp_to_ns(tr.header.stamp) for tr in m.msg.transforms]
+            [stamp_to_ns(tr.header.stamp) for tr in m.msg.transforms]
             if m.topic == "/tf"
             else [bagio.header_stamp_ns(m.msg)]
         )
@@ -185,7 +185,7 @@ def test_pose_messages_of_every_type():
     q = geometry.quat_to_ros(pose[3:])
     np.testing.assert_allclose([ps.pose.orientation.x, ps.pose.orientation.w], [q[0], q[3]], atol=1e-15)  # x,y,z,w
     assert bagio.header_stamp_ns(ps) == T0 and bagio.header_stamp_ns(ps.pose) is None
-    assert bagio.stamp_to_ns(bagio.ns_to_time(T0 + 123)) == T0 + 123
+    assert stamp_to_ns(bagio.ns_to_time(T0 + 123)) == T0 + 123
 
 
 # ------------------------------------------------------------------------------------------------ TF buffer

@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from apr_localizer.geometry import pose_compose, pose_inverse, quat_from_ros, quat_normalize, quat_to_ros
-from apr_localizer.tf_buffer import TfBuffer, transform_msg_pose
+from apr_localizer.tf_buffer import TfBuffer, stamp_to_ns, transform_msg_pose
 
 __all__ = [
     "IMAGE_MSGTYPES",
@@ -57,7 +57,6 @@ __all__ = [
     "pose_from_msg",
     "read_tf",
     "require_topic",
-    "stamp_to_ns",
     "topic_types",
     "typestore",
     "write_bag",
@@ -217,11 +216,6 @@ def bag_info(path: str | Path) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ conversions
-def stamp_to_ns(stamp: Any) -> int:
-    """``builtin_interfaces/Time`` → integer nanoseconds."""
-    return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
-
-
 def ns_to_time(t_ns: int):
     """Integer nanoseconds → ``builtin_interfaces/msg/Time``."""
     t_ns = int(t_ns)

@@ -227,10 +227,11 @@ class Localizer:
         scene = int(steps.scene[0])
         conf = float(torch.exp(steps.scene_log_probs[0, scene].float()))
         name = self.scene_names[scene] if 0 <= scene < len(self.scene_names) else str(scene)
-        poses = [_to_pose(p) for p in steps.poses]
+        raw = torch.stack([p[0] for p in steps.poses]).detach().to("cpu", torch.float64).numpy()  # one copy
+        poses = [_unit_pose(r) for r in raw]
         if self.bundle.orientation == "world_to_camera":  # e.g. trained on upstream Cambridge labels: R_wc → R_cw
             poses = [np.concatenate([p[:3], geometry.quat_conjugate(p[3:])]) for p in poses]
-        apr_raw = steps.poses[0][0].detach().to("cpu", torch.float64).numpy()  # as regressed (not normalised)
+        apr_raw = raw[0]  # as regressed (not normalised)
         cal = self.bundle.uncertainty
         score_name = cal.score if cal is not None else uncertainty.DEFAULT_SCORE
         t5 = time.perf_counter()
@@ -293,9 +294,8 @@ class Localizer:
         self.backend.close()
 
 
-def _to_pose(p: torch.Tensor) -> np.ndarray:
-    """First row of a ``(B,7)`` pose tensor → float64 ``(7,)`` with a unit w-first quaternion (NaN when invalid)."""
-    pose = p[0].detach().to("cpu", torch.float64).numpy()
+def _unit_pose(pose: np.ndarray) -> np.ndarray:
+    """Return a regressed pose ``(7,)`` with a unit w-first quaternion (NaN when the quaternion is invalid)."""
     try:
         return np.concatenate([pose[:3], geometry.quat_normalize(pose[3:])])
     except ValueError:  # zero or non-finite quaternion: reported as a non-finite estimate

@@ -601,7 +601,7 @@ def test_live_replay_through_the_node_matches_offline(tmp_path, eval_bag, checkp
     assert live["stamps"] == "restamped with the send time"
     assert report["info"]["played_topics"] == [IMAGE_TOPIC, INFO_TOPIC]  # camera_info found next to the images
     params = (out / "node_params.yaml").read_text()
-    assert str(checkpoint) in params and "autostart: true" in params and IMAGE_TOPIC in params
+    assert str(checkpoint.resolve()) in params and "autostart: true" in params and IMAGE_TOPIC in params
 
 
 @pytest.mark.ros

@@ -35,6 +35,7 @@ from geometry_msgs.msg import (
 from sensor_msgs.msg import CompressedImage, Image
 
 from apr_localizer import geometry, imaging
+from apr_localizer.tf_buffer import stamp_to_ns
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -71,9 +72,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 
 # --------------------------------------------------------------------------------------------- time
-def time_to_ns(stamp: Time) -> int:
-    """Nanoseconds since the epoch of a ``builtin_interfaces/Time``."""
-    return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
+time_to_ns = stamp_to_ns  # the one stamp conversion (tf_buffer owns it); re-exported with the message helpers
 
 
 def ns_to_time(ns: int) -> Time:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `make demo`: the whole product on a CPU-only machine, from a fresh clone, with the bundled demo model.
 #   1. set up the environment (make venv: pinned wheels, tf2_msgs, the package);
-#   2. render a test bag: a handheld trajectory through a synthetic scene the demo model knows, never seen in training;
+#   2. render a test bag with apr-synth: a handheld walk (sequence 5, never seen in training) through a synthetic room
+#      the demo model was trained on, with the demo model's camera (70-degree horizontal field of view);
 #   3. offline: MS-Transformer alone vs + iAPR (1..3 iterations) on every frame of the bag (apr-eval-bag offline);
 #   4. live: start localizer_node, replay the bag into it at the recorded rate, record its poses, and report
 #      accuracy and end-to-end latency (apr-eval-bag live);
@@ -33,9 +34,9 @@ export AMENT_PREFIX_PATH="${AMENT_PREFIX_PATH:-$VENV}"
 rm -rf "$OUT"
 mkdir -p "$OUT"
 
-echo "== demo: rendering the test bag ($SCENE, test trajectory seq-04, $FRAMES frames at 640x480, 15 Hz)"
-"$PY" -m apr_training.synthetic.handheld "$OUT/test_bag" --bag "$SCENE" --seq seq-04 --frames "$FRAMES" \
-  --width 640 --height 480 --fps 15 --seed 0
+echo "== demo: rendering the test bag ($SCENE, test walk seq 5, $FRAMES frames at 640x480, 15 Hz)"
+"$BIN/apr-synth" bag --out "$OUT/test_bag" --scene "$SCENE" --seq 5 --frames "$FRAMES" --fps 15 --size 640x480 \
+  --hfov 70 --seed 0
 
 echo "== demo: offline evaluation, MS-Transformer alone vs + iAPR"
 "$BIN/apr-eval-bag" offline --model "$MODEL" --bag "$OUT/test_bag" --image-topic /camera/image_raw \

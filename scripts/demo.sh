@@ -44,7 +44,7 @@ echo "== demo: offline evaluation, MS-Transformer alone vs + iAPR"
 
 echo "== demo: live replay through localizer_node (bag player → node → recorder)"
 "$BIN/apr-eval-bag" live --model "$MODEL" --bag "$OUT/test_bag" --image-topic /camera/image_raw \
-  --gt pose:/ground_truth/pose --scene "$SCENE" --iterations "${DEMO_ITERATIONS:-1}" --backend "$BACKEND" --out "$OUT/live"
+  --gt pose:/ground_truth/pose --scene "$SCENE" --iterations "${DEMO_ITERATIONS:-3}" --backend "$BACKEND" --out "$OUT/live"
 
 rm -rf "$OUT/test_bag.frames"
 echo

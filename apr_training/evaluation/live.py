@@ -351,7 +351,7 @@ def _node_counters(live: LiveRun) -> dict[str, Any]:
         "dropped_frames",
         "dropped_unprocessed",
     )
-    keys += ("dropped_in_transport", "stale_frames", "rejected_messages", "low_confidence", "non_finite")
+    keys += ("dropped_in_transport", "stale_frames", "rejected_messages", "low_confidence", "non_finite", "gated")
     out: dict[str, Any] = {f"node_{k}": delta(k) for k in (*keys, "processing_errors")}
     out.update(
         node_inference_ms_p50=_float(d.get("inference_ms_p50")),
@@ -441,6 +441,7 @@ def format_live_summary(s: Mapping[str, Any], markdown: bool = False) -> str:
             f", in transport {count(s['node_dropped_in_transport'])}, stale {count(s['node_stale_frames'])}, rejected "
             f"{count(s['node_rejected_messages'])}, low confidence {count(s['node_low_confidence'])})",
         ],
+        ["gated (σ above gating.max_sigma_*)", count(s.get("node_gated"))],
         ["frames without ground truth", str(s["frames_without_gt"])],
         [
             "end-to-end latency (ms)",

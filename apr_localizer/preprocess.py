@@ -10,9 +10,10 @@ Resize methods (``PreprocessConfig.method``):
 * ``"pil"``: ``PIL.Image.resize((W', H'), BILINEAR)`` on the ``uint8`` image, on the CPU. This is the training
   pipeline's resize (torchvision ``Resize`` on a PIL image) and reproduces the reference tensors bit-exactly.
 * ``"torch"``: ``F.interpolate(mode="bilinear", antialias=True)`` on ``device``. On the CPU it runs on the ``uint8``
-  channels-last image (the fixed-point kernel that mirrors PIL's), within 1 grey level of PIL. Other devices have no
-  ``uint8`` antialias kernel, so there it interpolates in ``float32`` and rounds to whole grey levels, which emulates
-  the ``uint8`` intermediate image (also within 1 grey level of PIL).
+  channels-last image (the fixed-point kernel that mirrors PIL's): within 1 grey level of PIL except on rare pixels
+  (at most 2 levels; 1 pixel of 150,528 for a 272x272 input), 7x faster than the float32 kernel there. Other devices
+  have no ``uint8`` antialias kernel, so there it interpolates in ``float32`` and rounds to whole grey levels, which
+  emulates the ``uint8`` intermediate image (within 1 grey level of PIL everywhere).
 * ``"auto"``: ``"pil"`` when ``device`` is the CPU, ``"torch"`` otherwise.
 
 Input sizes are checked before anything is resized (:func:`check_input_size`): the resize inflates the longer side by

@@ -9,7 +9,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from torchvision import transforms as T
@@ -139,12 +139,20 @@ def test_denormalize_recovers_the_pil_crop(reference: dict[str, torch.Tensor], r
 
 @FAST
 @given(height=st.integers(120, 420), width=st.integers(120, 420), seed=st.integers(0, 2**16))
+@example(height=272, width=272, seed=1)  # the uint8 kernel is 2 levels off PIL on one pixel here
 def test_pil_method_equals_torchvision_and_torch_method_is_close(height: int, width: int, seed: int) -> None:
     img = _random_image(height, width, seed)
     ours = preprocess(img, PIL_CFG)
     assert torch.equal(ours[0], _torchvision_test_transform()(Image.fromarray(img)))
-    fast = preprocess(img, TORCH_CFG)
-    assert np.abs(denormalize(fast).astype(int) - denormalize(ours).astype(int)).max() <= 1
+    pil_levels = denormalize(ours).astype(int)
+    # CPU "torch": torch's fixed-point uint8 kernel rounds differently from PIL's on rare pixels: at most 2 grey
+    # levels, and more than 1 level on at most 1 pixel in 10,000 (hypothesis found 272x272 seed 1: 1 of 150,528)
+    off = np.abs(denormalize(preprocess(img, TORCH_CFG)).astype(int) - pil_levels)
+    assert off.max() <= 2 and (off > 1).mean() <= 1e-4
+    # the float32 kernel (what CUDA runs) rounded to whole levels stays within 1 grey level everywhere
+    batch = torch.from_numpy(img).unsqueeze(0)
+    levels = pp._crop_torch(batch, TORCH_CFG, torch.device("cpu"), uint8_kernel=False)
+    assert np.abs(levels[0].permute(1, 2, 0).numpy().astype(int) - pil_levels[0]).max() <= 1
 
 
 # ---------------------------------------------------------------------------------------------- inputs and outputs

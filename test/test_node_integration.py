@@ -169,11 +169,31 @@ def test_base_pose_from_tf_static_map_to_odom_and_relocalize(tmp_path, node_env,
         image_pub.publish(ros_convert.rgb_to_image(images[i], stamp=stamp, frame_id=cam))
         return wait_until(lambda: _with_stamp(harness.snapshot(poses), stamp), WAIT_S, "the pose")
 
+    def send_first(i: int) -> PoseStamped:
+        """Send the first image after discovery again, with a new stamp, every 5 s until a pose for one arrives.
+
+        The node's image subscription is best effort (sensor data QoS): a 900 kB message sent right after the
+        endpoints match can be lost (seen once in a full-suite run), and a lost image never gets a pose.
+        """
+        tried: list[Time] = []
+        deadline = time.monotonic() + WAIT_S
+        while time.monotonic() < deadline:
+            tried.append(_now())
+            image_pub.publish(ros_convert.rgb_to_image(images[i], stamp=tried[-1], frame_id=cam))
+            resend_at = time.monotonic() + 5.0
+            while time.monotonic() < min(resend_at, deadline):
+                got = next((p for t in tried if (p := _with_stamp(harness.snapshot(poses), t)) is not None), None)
+                if got is not None:
+                    sent[_ns(got.header.stamp)] = i
+                    return got
+                time.sleep(0.02)
+        raise AssertionError(f"timed out after {WAIT_S:g} s waiting for the first pose ({len(tried)} images sent)")
+
     try:
         harness.wait_subscribers(image_pub, timeout=90.0)
         harness.wait_subscribers(static_pub)
         # 1. the published pose is the BASE pose: the extrinsic came from /tf_static alone
-        pose = send(0)
+        pose = send_first(0)
         est = direct.localize(frames[0])
         expected = geometry.camera_to_base(est.pose, BASE_T_CAMERA)
         assert pose.header.frame_id == "map"

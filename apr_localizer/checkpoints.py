@@ -397,6 +397,13 @@ def default_scene_names(num_scenes: int) -> list[str]:
 ORIENTATIONS = ("camera_to_world", "world_to_camera")
 
 
+def _check_orientation(value: Any, where: str = "") -> str:
+    """Return ``value`` if it is in :data:`ORIENTATIONS`, else raise :class:`CheckpointError` (``where``: prefix)."""
+    if value not in ORIENTATIONS:
+        raise CheckpointError(f"{where}orientation convention {quote(value)} is not one of {', '.join(ORIENTATIONS)}")
+    return value
+
+
 @dataclass
 class ModelBundle:
     """What the runtime needs: the APR, optional iAPR (and standalone PAE), scene names, preprocessing, provenance.
@@ -419,10 +426,7 @@ class ModelBundle:
     orientation: str = "camera_to_world"
 
     def __post_init__(self) -> None:
-        if self.orientation not in ORIENTATIONS:
-            raise CheckpointError(
-                f"orientation convention {quote(self.orientation)} is not one of {', '.join(ORIENTATIONS)}"
-            )
+        _check_orientation(self.orientation)
         n = self.apr.num_scenes
         if not self.scene_names:
             self.scene_names = default_scene_names(n)
@@ -501,9 +505,7 @@ def save_model(
         meta["uncertainty"] = calibration.to_dict()
     if trained_camera is not None:
         meta["camera"] = trained_camera
-    if orientation != "camera_to_world":
-        if orientation not in ORIENTATIONS:
-            raise CheckpointError(f"orientation {quote(orientation)} is not one of {', '.join(ORIENTATIONS)}")
+    if _check_orientation(orientation) != "camera_to_world":
         meta["orientation"] = orientation
     return write_safetensors(path, tensors, {METADATA_KEY: json.dumps(meta)})
 
@@ -701,9 +703,7 @@ def load_model(path: str | Path) -> ModelBundle:
             trained_camera = read_camera(provenance["camera"], path)
         except CheckpointError:
             trained_camera = None  # informational there: an unusable value is not checked
-    orientation = meta.get("orientation", "camera_to_world")
-    if orientation not in ORIENTATIONS:
-        raise CheckpointError(f"{path}: orientation metadata must be one of {', '.join(ORIENTATIONS)}")
+    orientation = _check_orientation(meta.get("orientation", "camera_to_world"), f"{path}: ")
     _dry_run(comps, infos, path)
     tensors, _ = read_safetensors(path)
     apr, iapr, pae = _build(comps, path)

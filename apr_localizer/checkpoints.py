@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from .fileio import atomic_path, clean_stale_tmp
+from .geometry import ORIENTATIONS
 from .imaging import quote
 from .models.backbone import NUM_STAGES, unused_official_backbone_keys
 from .models.ms_transformer import MSTransformer, MSTransformerConfig
@@ -391,10 +392,6 @@ def default_scene_names(num_scenes: int) -> list[str]:
     if num_scenes == 4:
         return list(CAMBRIDGE_FOUR)
     return [f"scene_{i}" for i in range(num_scenes)]
-
-
-# What a bundle's quaternions mean (see ModelBundle.orientation).
-ORIENTATIONS = ("camera_to_world", "world_to_camera")
 
 
 def _check_orientation(value: Any, where: str = "") -> str:

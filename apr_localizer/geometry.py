@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 __all__ = [
+    "ORIENTATIONS",
     "apply_relative",
     "camera_to_base",
     "map_to_odom",
@@ -53,6 +54,10 @@ __all__ = [
     "rotation_error_deg",
     "rotation_error_deg_torch",
 ]
+
+#: What a model's (or a label file's) quaternion means: ``camera_to_world`` (the internal convention above; 7-Scenes,
+#: synthetic, bags) or ``world_to_camera`` (upstream Cambridge Landmarks labels, VisualSFM): conjugate to convert.
+ORIENTATIONS: tuple[str, ...] = ("camera_to_world", "world_to_camera")
 
 _EPS = 1e-12
 

@@ -275,7 +275,7 @@ PARAMS: tuple[Param, ...] = (
         "",
         "Quaternion convention of the model: empty = from the model file; world_to_camera for official Cambridge "
         "Landmarks checkpoints.",
-        _choice(("", "camera_to_world", "world_to_camera")),
+        _choice(("", *geometry.ORIENTATIONS)),
         read_only=True,
     ),
     _P("backend", "auto", f"Inference engine, one of {', '.join(BACKENDS)}.", _choice(BACKENDS)),

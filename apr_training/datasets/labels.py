@@ -28,7 +28,7 @@ from typing import NamedTuple
 import numpy as np
 
 from apr_localizer.fileio import atomic_write_text
-from apr_localizer.geometry import quat_conjugate, quat_normalize
+from apr_localizer.geometry import ORIENTATIONS, quat_conjugate, quat_normalize
 
 __all__ = [
     "DATASET_METADATA",
@@ -48,7 +48,6 @@ __all__ = [
 LABEL_COLUMNS: tuple[str, ...] = ("scene", "split", "seq", "img_path", "t1", "t2", "t3", "q1", "q2", "q3", "q4")
 # The dataset description written by apr-data beside its CSVs; its "orientation" says what q1..q4 mean.
 DATASET_METADATA = "dataset.json"
-ORIENTATIONS = ("camera_to_world", "world_to_camera")
 _MISSING_SHOWN = 5
 
 

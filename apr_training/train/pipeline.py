@@ -148,13 +148,6 @@ def _train(opts: PipelineOptions, train_main: TrainMain, trainer: str, extra: li
     return best
 
 
-def _rotvec(q_est: np.ndarray, q_gt: np.ndarray) -> np.ndarray:
-    """Rotation vector ``(N,3)`` (rad) of the orientation error ``conj(q_gt) ⊗ q_est`` (per-axis error)."""
-    from apr_localizer.geometry import quat_conjugate, quat_multiply, quat_to_rotvec
-
-    return quat_to_rotvec(quat_multiply(quat_conjugate(q_gt), q_est))
-
-
 def measure_validation(model: Path, opts: PipelineOptions) -> dict[str, Any]:
     """Run the model's inference loop on every validation frame: per-step poses, candidate scores and GT.
 
@@ -228,6 +221,7 @@ def choose_and_fit(meas: dict[str, Any], train_positions: np.ndarray) -> tuple[A
 def _summary(meas: dict[str, Any], cal: Any) -> dict[str, Any]:
     """Held-out accuracy (MS-Transformer vs iAPR per iteration) and uncertainty metrics of the calibrated score."""
     from apr_localizer.uncertainty import auroc, coverage_at_precision, within_sigma
+    from apr_training.evaluation.robot import axis_errors
 
     gt, steps = meas["gt"], meas["steps"]
     acc = {}
@@ -241,7 +235,7 @@ def _summary(meas: dict[str, Any], cal: Any) -> dict[str, Any]:
     e_t, e_r = _errors(final, gt)
     s = meas["scores"][cal.score]
     sig = np.array([cal.sigma(float(v)) for v in s])
-    per_axis_p, per_axis_r = final[:, :3] - gt[:, :3], _rotvec(final[:, 3:], gt[:, 3:])
+    per_axis_p, per_axis_r = axis_errors(final, gt)  # the evaluation's one per-axis definition (map frame)
     a = auroc(s, (e_t > WRONG_POSITION_M) | (e_r > WRONG_ORIENTATION_DEG))
     unc = {"score": cal.score, "auroc": None if math.isnan(a) else a,
            "coverage_at_95_precision": coverage_at_precision(s, (e_t <= OK_POSITION_M) & (e_r <= OK_ORIENTATION_DEG)),

@@ -53,6 +53,7 @@ __all__ = [
     "relative_pose",
     "rotation_error_deg",
     "rotation_error_deg_torch",
+    "to_camera_to_world",
 ]
 
 #: What a model's (or a label file's) quaternion means: ``camera_to_world`` (the internal convention above; 7-Scenes,
@@ -64,6 +65,19 @@ _EPS = 1e-12
 
 def _as64(a) -> np.ndarray:
     return np.asarray(a, dtype=np.float64)
+
+
+def to_camera_to_world(pose, orientation: str) -> np.ndarray:
+    """Poses ``(..., 7)`` whose quaternions follow ``orientation`` (:data:`ORIENTATIONS`) → camera-to-world.
+
+    ``world_to_camera`` quaternions are conjugated (a copy); ``camera_to_world`` poses are returned as they are.
+    """
+    p = _as64(pose)
+    if orientation == "camera_to_world":
+        return p
+    if orientation != "world_to_camera":
+        raise ValueError(f"orientation must be one of {', '.join(ORIENTATIONS)}, got {orientation!r}")
+    return np.concatenate([p[..., :3], quat_conjugate(p[..., 3:])], axis=-1)
 
 
 # --------------------------------------------------------------------------------------------- quaternions (numpy)

@@ -228,9 +228,8 @@ class Localizer:
         conf = float(torch.exp(steps.scene_log_probs[0, scene].float()))
         name = self.scene_names[scene] if 0 <= scene < len(self.scene_names) else str(scene)
         raw = torch.stack([p[0] for p in steps.poses]).detach().to("cpu", torch.float64).numpy()  # one copy
-        poses = [_unit_pose(r) for r in raw]
-        if self.bundle.orientation == "world_to_camera":  # e.g. trained on upstream Cambridge labels: R_wc → R_cw
-            poses = [np.concatenate([p[:3], geometry.quat_conjugate(p[3:])]) for p in poses]
+        # camera-to-map whatever the model regresses (upstream Cambridge labels: world-to-camera rotations)
+        poses = [_unit_pose(r) for r in geometry.to_camera_to_world(raw, self.bundle.orientation)]
         apr_raw = raw[0]  # as regressed (not normalised)
         cal = self.bundle.uncertainty
         score_name = cal.score if cal is not None else uncertainty.DEFAULT_SCORE

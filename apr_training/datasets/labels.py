@@ -28,7 +28,7 @@ from typing import NamedTuple
 import numpy as np
 
 from apr_localizer.fileio import atomic_write_text
-from apr_localizer.geometry import ORIENTATIONS, quat_conjugate, quat_normalize
+from apr_localizer.geometry import ORIENTATIONS, quat_normalize, to_camera_to_world
 
 __all__ = [
     "DATASET_METADATA",
@@ -111,11 +111,7 @@ class LabelTable:
         Upstream Cambridge Landmarks labels hold the world-to-camera rotation (VisualSFM) with the camera centre: the
         quaternion is conjugated; 7-Scenes, synthetic and bag labels are already camera-to-world.
         """
-        if self.orientation != "world_to_camera":
-            return self.pose
-        out = self.pose.copy()
-        out[:, 3:] = quat_conjugate(out[:, 3:])
-        return out
+        return to_camera_to_world(self.pose, self.orientation)
 
     @classmethod
     def from_rows(

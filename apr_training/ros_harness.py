@@ -45,6 +45,7 @@ __all__ = [
     "diag_values",
     "node_command",
     "prepare_ros_environment",
+    "send_until",
     "subprocess_env",
     "ros_environment",
     "wait_until",
@@ -86,6 +87,33 @@ def wait_until(predicate: Callable[[], Any], timeout: float = WAIT_S, what: str 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
         time.sleep(poll)
+
+
+def send_until(
+    send: Callable[[], Any],
+    reply: Callable[[Any], Any],
+    timeout: float = WAIT_S,
+    what: str = "a reply",
+    resend_s: float = 5.0,
+) -> tuple[Any, Any]:
+    """Send once, then again every ``resend_s`` until ``reply(key)`` is truthy for a sent key; return (key, reply).
+
+    ``send()`` publishes one message and returns its key (e.g. its stamp). For the first message after discovery on a
+    best-effort subscription: the publisher sees the match before the subscriber does, and a message sent in between
+    is dropped without a trace. Every key sent stays eligible, so a slow (not lost) reply is still accepted.
+    """
+    keys: list[Any] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        keys.append(send())
+        resend_at = min(time.monotonic() + resend_s, deadline)
+        while time.monotonic() < resend_at:
+            for key in keys:
+                value = reply(key)
+                if value:
+                    return key, value
+            time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what} ({len(keys)} sent)")
 
 
 # --------------------------------------------------------------------------------------------- environment

@@ -12,6 +12,10 @@
 #      matched to the APR's validation errors) -> uncertainty calibration -> fp16 bundle; prints the held-out accuracy
 #      and uncertainty; a killed run continues where it stopped (the script passes --resume);
 #   3. copy the bundle to models/demo/ and evaluate it on the rendered test walks.
+# More training time for a model already trained (a warm restart of the MS-Transformer, then PAE, iAPR, calibration
+# and packaging again on the same split), e.g. what made the bundled file:
+#   SYNTH=runs/demo/synth INIT=runs/demo/pipeline/ms-transformer/best.safetensors TIME_BUDGET_MIN=105 \
+#     PIPELINE_ARGS="--set optim.lr=0.00015" scripts/train_demo_model.sh runs/demo_more
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/common.sh
@@ -19,16 +23,23 @@ scripts/setup_venv.sh
 W="${1:-runs/demo}"
 DEVICE="${DEVICE:-auto}"
 BIN="$VENV/bin"
+SYNTH="${SYNTH:-$W/synth}"
+EXTRA=()
+[ -z "${INIT:-}" ] || EXTRA+=(--init "$INIT")
+read -r -a MORE <<< "${PIPELINE_ARGS:-}"
+CMD="TIME_BUDGET_MIN=${TIME_BUDGET_MIN:-100} scripts/train_demo_model.sh $W"
+[ -z "${INIT:-}" ] || CMD="SYNTH=$SYNTH INIT=$INIT PIPELINE_ARGS='${PIPELINE_ARGS:-}' $CMD"
 mkdir -p "$W"
 
-[ -f "$W/synth/synthetic_train.csv" ] || "$BIN/apr-synth" dataset --out "$W/synth" \
+[ -f "$SYNTH/synthetic_train.csv" ] || "$BIN/apr-synth" dataset --out "$SYNTH" \
   --scenes office,kitchen,library,warehouse --mapping --train-seqs 4 --test-seqs 1 --fps 2 --frames 250 \
   --size 320x240 --hfov 70 --seed 0 --workers "${WORKERS:-2}" --overwrite
 
-"$BIN/apr-train" pipeline --data "$W/synth" --labels "$W/synth/synthetic_train.csv" --out "$W/pipeline" \
+"$BIN/apr-train" pipeline --data "$SYNTH" --labels "$SYNTH/synthetic_train.csv" --out "$W/pipeline" \
   --time-budget "${TIME_BUDGET_MIN:-100}" --device "$DEVICE" --fp16 --resume --no-progress \
-  --command "scripts/train_demo_model.sh $W"
+  "${EXTRA[@]}" "${MORE[@]}" \
+  --command "$CMD"
 
 cp "$W/pipeline/model.safetensors" models/demo/apr_demo.safetensors
-"$BIN/apr-eval" --model models/demo/apr_demo.safetensors --data "$W/synth" --labels "$W/synth/synthetic_test.csv" \
+"$BIN/apr-eval" --model models/demo/apr_demo.safetensors --data "$SYNTH" --labels "$SYNTH/synthetic_test.csv" \
   --iterations 3 --stride 2 --out "$W/eval" --no-plots

@@ -25,7 +25,15 @@ from sensor_msgs.msg import CompressedImage, Image
 from std_srvs.srv import Trigger
 
 from apr_localizer import geometry, ros_convert
-from apr_training.ros_harness import WAIT_S, NodeProcess, RosHarness, diag_values, wait_until, write_params
+from apr_training.ros_harness import (
+    WAIT_S,
+    NodeProcess,
+    RosHarness,
+    diag_values,
+    send_until,
+    wait_until,
+    write_params,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NODE = "apr_localizer"
@@ -427,13 +435,13 @@ def test_compressed_input_base_frame_hint_and_autostart(tmp_path, node_env, harn
 
         garbage = CompressedImage(format="jpeg")
         garbage.data = ros_convert.uint8_array(b"\xff\xd8\xff\xe0 this is not a jpeg at all")
-        pub.publish(garbage)
-        wait_until(
-            lambda: any(
+        # best-effort subscription: the first message after discovery may be lost, so it is resent until counted
+        send_until(
+            lambda: pub.publish(garbage),
+            lambda _: any(
                 (d := diag_values(m, name)) and int(d["rejected_messages"]) >= 1 for m in harness.snapshot(diags)
             ),
-            WAIT_S,
-            "the garbage CompressedImage to be rejected",
+            what="the garbage CompressedImage to be rejected",
         )
 
         trigger.publish(PoseWithCovarianceStamped())  # cuVSLAM's trigger_hint type

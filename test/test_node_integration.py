@@ -28,7 +28,15 @@ from std_srvs.srv import Trigger
 
 from apr_localizer import geometry, ros_convert
 from apr_localizer.node_logic import yaw_of
-from apr_training.ros_harness import WAIT_S, NodeProcess, RosHarness, diag_values, wait_until, write_params
+from apr_training.ros_harness import (
+    WAIT_S,
+    NodeProcess,
+    RosHarness,
+    diag_values,
+    send_until,
+    wait_until,
+    write_params,
+)
 
 pytestmark = pytest.mark.ros
 tf2_msgs = pytest.importorskip("tf2_msgs.msg")
@@ -122,6 +130,13 @@ def _with_stamp(msgs: list, stamp: Time):
     return next((m for m in msgs if m.header.stamp == stamp), None)
 
 
+def _publish_image(pub, rgb: np.ndarray, frame_id: str = "cam") -> Time:
+    """Publish ``rgb`` stamped now; return the stamp."""
+    stamp = _now()
+    pub.publish(ros_convert.rgb_to_image(rgb, stamp=stamp, frame_id=frame_id))
+    return stamp
+
+
 def _quat_mean(qs: np.ndarray) -> np.ndarray:
     """Markley's average of unit quaternions (eigenvector of sum q q^T), w >= 0: independent of geometry.py."""
     w, v = np.linalg.eigh(np.einsum("ni,nj->ij", qs, qs))
@@ -170,24 +185,14 @@ def test_base_pose_from_tf_static_map_to_odom_and_relocalize(tmp_path, node_env,
         return wait_until(lambda: _with_stamp(harness.snapshot(poses), stamp), WAIT_S, "the pose")
 
     def send_first(i: int) -> PoseStamped:
-        """Send the first image after discovery again, with a new stamp, every 5 s until a pose for one arrives.
-
-        The node's image subscription is best effort (sensor data QoS): a 900 kB message sent right after the
-        endpoints match can be lost (seen once in a full-suite run), and a lost image never gets a pose.
-        """
-        tried: list[Time] = []
-        deadline = time.monotonic() + WAIT_S
-        while time.monotonic() < deadline:
-            tried.append(_now())
-            image_pub.publish(ros_convert.rgb_to_image(images[i], stamp=tried[-1], frame_id=cam))
-            resend_at = time.monotonic() + 5.0
-            while time.monotonic() < min(resend_at, deadline):
-                got = next((p for t in tried if (p := _with_stamp(harness.snapshot(poses), t)) is not None), None)
-                if got is not None:
-                    sent[_ns(got.header.stamp)] = i
-                    return got
-                time.sleep(0.02)
-        raise AssertionError(f"timed out after {WAIT_S:g} s waiting for the first pose ({len(tried)} images sent)")
+        """Send the first image after discovery, again (new stamp) every 5 s until one gets a pose: best effort."""
+        stamp, pose = send_until(
+            lambda: _publish_image(image_pub, images[i], cam),
+            lambda s: _with_stamp(harness.snapshot(poses), s),
+            what="the first pose",
+        )
+        sent[_ns(stamp)] = i
+        return pose
 
     try:
         harness.wait_subscribers(image_pub, timeout=90.0)
@@ -324,10 +329,13 @@ def test_namespaced_best_effort_hint_refused_map_to_camera_and_error_diagnostics
         harness.wait_subscribers(image_pub, timeout=90.0)
         harness.wait_subscribers(trigger)
         harness.wait_subscribers(static_pub)
-        # best-effort images are received with the default QoS; the namespaced pose is the base pose
-        stamp = _now()
-        image_pub.publish(ros_convert.rgb_to_image(frames[1], stamp=stamp, frame_id=cam))
-        pose = wait_until(lambda: _with_stamp(harness.snapshot(poses), stamp), WAIT_S, "the namespaced pose")
+        # best-effort images are received with the default QoS (the first after discovery may be lost: resent);
+        # the namespaced pose is the base pose
+        _, pose = send_until(
+            lambda: _publish_image(image_pub, frames[1], cam),
+            lambda s: _with_stamp(harness.snapshot(poses), s),
+            what="the namespaced pose",
+        )
         expected = geometry.camera_to_base(direct.localize(frames[1]).pose, BASE_T_CAMERA)
         np.testing.assert_allclose(ros_convert.pose_from_msg(pose.pose)[:3], expected[:3], atol=1e-4)
         # map_to_camera is refused: the camera frame already has base_link as its parent
@@ -427,12 +435,17 @@ def test_scene_frames_alignment_and_allowed_scenes(tmp_path, node_env, harness, 
     node = NodeProcess(params_file, node_env, tmp_path / "node.log", extra_args=["-r", f"__node:={name}"])
     try:
         harness.wait_subscribers(image_pub, timeout=90.0)
-        stamps = []
-        for i in range(3):
-            stamps.append(_now())
-            image_pub.publish(ros_convert.rgb_to_image(frames[i], stamp=stamps[-1], frame_id="cam"))
-            if i < 2:
-                wait_until(lambda s=stamps[-1]: _with_stamp(harness.snapshot(poses), s), WAIT_S, f"pose {i}")
+        # the subscription is best effort: the first image after discovery may be lost, and is resent
+        stamps = [
+            send_until(
+                lambda: _publish_image(image_pub, frames[0]),
+                lambda s: _with_stamp(harness.snapshot(poses), s),
+                what="pose 0",
+            )[0]
+        ]
+        stamps.append(_publish_image(image_pub, frames[1]))
+        wait_until(lambda: _with_stamp(harness.snapshot(poses), stamps[1]), WAIT_S, "pose 1")
+        stamps.append(_publish_image(image_pub, frames[2]))
         wait_until(
             lambda: any((d := diag_values(m, name)) and int(d["filtered_scene"]) >= 1 for m in harness.snapshot(diags)),
             WAIT_S,

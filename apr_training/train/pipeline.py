@@ -66,6 +66,7 @@ class PipelineOptions:
     overrides: list[str] = field(default_factory=list)
     iterations: int = 3  # the node's default iapr_iterations
     backbone_weights: str | None = None
+    init: Path | None = None  # MS-Transformer initial weights: a warm restart of an earlier run (new cosine cycle)
     max_steps: int | None = None  # per trainer (smoke runs and tests)
     progress: bool = True
     fp16: bool = False  # model.safetensors with float16 weights (half the size; what the demo ships)
@@ -130,6 +131,8 @@ def _train(opts: PipelineOptions, train_main: TrainMain, trainer: str, extra: li
         argv += ["--max-steps", str(opts.max_steps)]
     if trainer == "ms-transformer" and opts.backbone_weights:
         argv += ["--backbone-weights", opts.backbone_weights]
+    if trainer == "ms-transformer" and opts.init is not None:
+        argv += ["--init", str(opts.init)]
     if not opts.progress:
         argv.append("--no-progress")
     if (run_dir / "last_state.pt").is_file():
@@ -364,6 +367,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     p.add_argument("--iterations", type=int, default=3, help="iAPR iterations evaluated and calibrated (node default)")
     p.add_argument("--backbone-weights", help="MS-Transformer backbone initialisation ('imagenet' or a file)")
+    p.add_argument("--init", type=Path,
+                   help="MS-Transformer initial weights, e.g. an earlier run's ms-transformer/best.safetensors: "
+                   "more training time for a space already trained (a warm restart: a new warm-up and cosine "
+                   "cycle; same labels and config, so that the split and its validation stay held out)")  # fmt: skip
     p.add_argument("--max-steps", type=int, help="per trainer (smoke runs)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     p.add_argument("--calibration-frames", type=int, default=1000, help="validation frames used for the calibration")
@@ -383,7 +390,8 @@ def pipeline_main(argv: Sequence[str], train_main: TrainMain) -> int:
     a = build_parser().parse_args(list(argv))
     opts = PipelineOptions(data=a.data, labels=list(a.labels), out=a.out, time_budget_min=a.time_budget,
                            device=a.device, resume=a.resume, config=a.config, overrides=list(a.set),
-                           iterations=a.iterations, backbone_weights=a.backbone_weights, max_steps=a.max_steps,
+                           iterations=a.iterations, backbone_weights=a.backbone_weights, init=a.init,
+                           max_steps=a.max_steps,
                            progress=not a.no_progress, fp16=a.fp16, calibration_frames=a.calibration_frames,
                            command=a.command or "apr-train pipeline " + " ".join(argv))  # fmt: skip
     try:

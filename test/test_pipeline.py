@@ -128,6 +128,22 @@ def test_pipeline_killed_during_a_stage_resumes_and_loads(killed_and_resumed):
     loc.close()
 
 
+def test_init_warm_restarts_the_ms_transformer_on_the_same_split(killed_and_resumed, tmp_path):
+    """``--init``: more training time for a trained space starts from its MS-Transformer, on the same split."""
+    root, out, _ = killed_and_resumed
+    init = out / "ms-transformer" / "best.safetensors"
+    more = tmp_path / "more"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [*_command(root, root / "train.csv", more), "--init", str(init)]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for split in ("split_train.csv", "split_val.csv"):  # validation stays held out from the initial model too
+        assert (more / split).read_text() == (out / split).read_text()
+    summary = json.loads((more / "ms-transformer" / "summary.json").read_text())
+    assert summary["inputs"]["init"] == str(init)
+    assert (more / "model.safetensors").is_file()
+
+
 @pytest.mark.ros
 def test_the_pipeline_model_runs_in_a_real_node(killed_and_resumed, tmp_path):
     """The node loads DIR/model.safetensors and publishes the calibrated sigma^2 the Localizer computes."""

@@ -631,6 +631,15 @@ class LocalizerNode(LifecycleNode):
             self._wait_for_tf(cfg.odom_frame, cfg.base_frame, stamp_ns, cfg.tf_lookup_tolerance_s)
             try:
                 odom_t_base = self._tf.lookup_one(cfg.odom_frame, cfg.base_frame, stamp_ns, cfg.tf_lookup_tolerance_s)
+                if not self._tf.brackets(cfg.odom_frame, cfg.base_frame, stamp_ns):
+                    # no odometry on one side of the image stamp (none yet after it, or none before it just after
+                    # start-up): the nearest sample stands in, off by the motion in between
+                    self._stats.add(tf_not_interpolated=1)
+                    self.get_logger().warning(
+                        "odom -> base has no sample on one side of the image stamp (within tf_lookup_tolerance_s): "
+                        "map -> odom uses the nearest one",
+                        throttle_duration_sec=_LOG_THROTTLE_S,
+                    )
             except LookupError as exc:
                 self._stats.fail("tf_failures", f"no TF {cfg.odom_frame} <- {cfg.base_frame} at the image stamp")
                 self.get_logger().warning(
@@ -665,7 +674,8 @@ class LocalizerNode(LifecycleNode):
         deadline = time.monotonic() + timeout_s
         while not self._stop.is_set() and time.monotonic() < deadline:
             try:
-                if self._tf.lookup_latest(target, source)[1] >= stamp_ns:
+                newest = self._tf.lookup_latest(target, source)[1]
+                if newest == 0 or newest >= stamp_ns:  # 0: every edge between them is static
                     return
             except LookupError:
                 pass

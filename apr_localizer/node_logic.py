@@ -271,7 +271,7 @@ def diagnostic_level(w: DiagWindow, topic: str) -> tuple[int, str]:
 COUNTERS = (
     "received", "processed", "published", "stale", "rejected", "low_confidence", "filtered_scene", "non_finite",
     "processing_errors", "tf_failures", "tf_refused", "stamps_replaced", "jumps_rejected", "relocalizations",
-    "relocalize_rejected_moving", "hints", "lost_in_transport", "gated",
+    "relocalize_rejected_moving", "hints", "lost_in_transport", "gated", "tf_not_interpolated",
 )  # fmt: skip
 
 

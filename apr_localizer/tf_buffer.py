@@ -228,6 +228,28 @@ class TfBuffer:
             pose, _ = self._lookup(target, source, [stamp], float("inf"))
             return pose[0], int(stamp)
 
+    def brackets(self, target: str, source: str, t_ns: int) -> bool:
+        """Whether every dynamic edge between the frames has a sample at or before ``t_ns`` and one at or after it.
+
+        Only then does :meth:`lookup` interpolate; otherwise it takes an end sample (within its tolerance), which
+        is off by the motion between that sample and ``t_ns``. Raises ``LookupError`` like :meth:`lookup`.
+        """
+        with self._lock:
+            target, source = self._clean(target), self._clean(source)
+            if target == source:
+                return True
+            self._lookup(target, source, [t_ns], float("inf"))  # raises LookupError for unknown/unconnected frames
+            ct, cs = self._chain(target), self._chain(source)
+            common = next(f for f in cs if f in set(ct))
+            for chain in (cs, ct):
+                for f in chain[: chain.index(common)]:
+                    edge = self._edges[f]
+                    if not edge.static:
+                        t = edge.arrays()[0]
+                        if not t[0] <= t_ns <= t[-1]:
+                            return False
+            return True
+
     def stamps(self, target: str, source: str) -> np.ndarray:
         """Sorted stamps (ns) of the dynamic edges on the chain between the frames (empty if all static)."""
         with self._lock:

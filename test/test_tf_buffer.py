@@ -42,6 +42,20 @@ def test_latest_lookup_uses_the_newest_common_stamp():
     assert buf.lookup_latest("base_link", "camera")[1] == 0  # all static: stamp 0
 
 
+def test_brackets_says_whether_a_lookup_interpolates_or_takes_an_end_sample():
+    buf = TfBuffer()
+    buf.add_transform("odom", "base_link", 2 * S, _pose(2.0))
+    buf.add_transform("odom", "base_link", 4 * S, _pose(4.0))
+    buf.add_transform("base_link", "camera", 0, IDENTITY, static=True)
+    assert buf.brackets("odom", "camera", 3 * S) and buf.brackets("camera", "odom", 2 * S)  # static edges: any time
+    assert buf.brackets("odom", "base_link", 4 * S) and buf.brackets("camera", "camera", 0)
+    for t_ns, end in ((1 * S + S // 2, 2.0), (4 * S + S // 2, 4.0)):  # before the first, after the last sample
+        assert not buf.brackets("odom", "camera", t_ns)
+        np.testing.assert_allclose(buf.lookup_one("odom", "camera", t_ns, tolerance_s=1.0)[:3], [end, 0, 0])
+    with pytest.raises(LookupError):
+        buf.brackets("odom", "nowhere", 3 * S)
+
+
 def test_history_is_bounded_by_the_cache_time():
     buf = TfBuffer(cache_s=2.0)
     for t in range(200):

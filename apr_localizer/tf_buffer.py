@@ -188,8 +188,11 @@ class TfBuffer:
         with self._lock:
             return self._lookup(self._clean(target), self._clean(source), stamps, tolerance_s)
 
-    def _lookup(self, target: str, source: str, stamps, tolerance_s: float) -> tuple[np.ndarray, np.ndarray]:
-        stamps = np.atleast_1d(np.asarray(stamps, dtype=np.int64))
+    def _path(self, target: str, source: str) -> tuple[list[str], list[str], str]:
+        """Chains of both frames up to their root and the frame where they meet; caller holds the lock.
+
+        Raises ``LookupError`` if a frame is unknown or the two are not connected.
+        """
         known = self.frames
         for f in (target, source):
             if f not in known:
@@ -198,6 +201,16 @@ class TfBuffer:
         common = next((f for f in cs if f in set(ct)), None)
         if common is None:
             raise LookupError(f"TF frames {target!r} and {source!r} are not connected (roots {ct[-1]!r}, {cs[-1]!r})")
+        return ct, cs, common
+
+    def _edges_between(self, target: str, source: str) -> list[_Edge]:
+        """Every edge on the path between the frames (static ones included); raises ``LookupError`` like lookup."""
+        ct, cs, common = self._path(target, source)
+        return [self._edges[f] for chain in (cs, ct) for f in chain[: chain.index(common)]]
+
+    def _lookup(self, target: str, source: str, stamps, tolerance_s: float) -> tuple[np.ndarray, np.ndarray]:
+        stamps = np.atleast_1d(np.asarray(stamps, dtype=np.int64))
+        ct, cs, common = self._path(target, source)
         tol = int(round(min(tolerance_s, 9.0e9) * 1e9))  # inf: any sample
         a_src, v1 = self._to_ancestor(cs, common, stamps, tol)  # common <- source
         a_tgt, v2 = self._to_ancestor(ct, common, stamps, tol)  # common <- target
@@ -219,10 +232,7 @@ class TfBuffer:
             target, source = self._clean(target), self._clean(source)
             if target == source:
                 return np.array([0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0]), 0
-            self._lookup(target, source, [0], float("inf"))  # raises LookupError for unknown/unconnected frames
-            ct, cs = self._chain(target), self._chain(source)
-            common = next(f for f in cs if f in set(ct))
-            edges = [self._edges[f] for chain in (cs, ct) for f in chain[: chain.index(common)]]
+            edges = self._edges_between(target, source)
             stamp = min((e.latest() for e in edges), default=0)
             stamp = 0 if stamp == np.iinfo(np.int64).max else stamp
             pose, _ = self._lookup(target, source, [stamp], float("inf"))
@@ -238,32 +248,17 @@ class TfBuffer:
             target, source = self._clean(target), self._clean(source)
             if target == source:
                 return True
-            self._lookup(target, source, [t_ns], float("inf"))  # raises LookupError for unknown/unconnected frames
-            ct, cs = self._chain(target), self._chain(source)
-            common = next(f for f in cs if f in set(ct))
-            for chain in (cs, ct):
-                for f in chain[: chain.index(common)]:
-                    edge = self._edges[f]
-                    if not edge.static:
-                        t = edge.arrays()[0]
-                        if not t[0] <= t_ns <= t[-1]:
-                            return False
-            return True
+            dynamic = [e.arrays()[0] for e in self._edges_between(target, source) if not e.static]
+            return all(t[0] <= t_ns <= t[-1] for t in dynamic)
 
     def stamps(self, target: str, source: str) -> np.ndarray:
-        """Sorted stamps (ns) of the dynamic edges on the chain between the frames (empty if all static)."""
+        """Sorted stamps (ns) of the dynamic edges on the chain between the frames (empty if all static).
+
+        Raises ``LookupError`` like :meth:`lookup`.
+        """
         with self._lock:
             return self._stamps(target, source)
 
     def _stamps(self, target: str, source: str) -> np.ndarray:
-        ct, cs = self._chain(self._clean(target)), self._chain(self._clean(source))
-        common = next((f for f in cs if f in set(ct)), None)
-        out = []
-        for chain in (cs, ct):
-            for f in chain:
-                if f == common:
-                    break
-                e = self._edges[f]
-                if not e.static:
-                    out.append(e.arrays()[0])
+        out = [e.arrays()[0] for e in self._edges_between(self._clean(target), self._clean(source)) if not e.static]
         return np.unique(np.concatenate(out)) if out else np.zeros(0, np.int64)

@@ -513,10 +513,15 @@ def test_camera_info_is_checked_against_the_training_camera_in_the_model(tmp_pat
         harness.wait_subscribers(image_pub, timeout=90.0)
         harness.wait_subscribers(info_pub)
         small = np.ascontiguousarray(frames[0][::2, ::2])
-        info_pub.publish(info(400.0))  # 20 % off the scaled training focal length (250)
+
+        def send(fx: float) -> None:
+            """Send CameraInfo then the image, each time, as a camera driver does (a lone first message can be lost)."""
+            info_pub.publish(info(fx))
+            image_pub.publish(ros_convert.rgb_to_image(small, stamp=_now(), frame_id="cam"))
+
         d = wait_until(
             lambda: (
-                image_pub.publish(ros_convert.rgb_to_image(small, stamp=_now(), frame_id="cam"))
+                send(400.0)  # 20 % off the scaled training focal length (250)
                 or next(
                     (
                         v
@@ -531,11 +536,8 @@ def test_camera_info_is_checked_against_the_training_camera_in_the_model(tmp_pat
             poll=0.3,
         )
         assert "camera_info fx" in d["last_reject_reason"]  # refused: one sentence naming the value
-        info_pub.publish(info(250.0))
         wait_until(
-            lambda: (
-                image_pub.publish(ros_convert.rgb_to_image(small, stamp=_now(), frame_id="cam")) or harness.count(poses)
-            ),
+            lambda: send(250.0) or harness.count(poses),
             WAIT_S,
             "a pose once camera_info matches",
             poll=0.3,

@@ -15,7 +15,7 @@
 # More training time for a model already trained (a warm restart of the MS-Transformer, then PAE, iAPR, calibration
 # and packaging again on the same split), e.g. what made the bundled file:
 #   SYNTH=runs/demo/synth INIT=runs/demo/pipeline/ms-transformer/best.safetensors TIME_BUDGET_MIN=105 \
-#     PIPELINE_ARGS="--set optim.lr=0.00015" scripts/train_demo_model.sh runs/demo_more
+#     PIPELINE_ARGS="--set optim.lr=0.0001" scripts/train_demo_model.sh runs/demo_more
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/common.sh

@@ -129,10 +129,9 @@ def _train(opts: PipelineOptions, train_main: TrainMain, trainer: str, extra: li
         argv += ["--set", f"run.time_budget_s={opts.time_budget_min * 60.0 * BUDGET_SHARES[trainer]:.1f}"]
     if opts.max_steps is not None:
         argv += ["--max-steps", str(opts.max_steps)]
-    if trainer == "ms-transformer" and opts.backbone_weights:
-        argv += ["--backbone-weights", opts.backbone_weights]
-    if trainer == "ms-transformer" and opts.init is not None:
-        argv += ["--init", str(opts.init)]
+    if trainer == "ms-transformer":
+        argv += ["--backbone-weights", opts.backbone_weights] if opts.backbone_weights else []
+        argv += ["--init", str(opts.init)] if opts.init is not None else []
     if not opts.progress:
         argv.append("--no-progress")
     if (run_dir / "last_state.pt").is_file():
